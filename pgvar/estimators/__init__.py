@@ -1,0 +1,19 @@
+"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization.
+
+Every function takes time-major ``[T, N]`` tensors where time matters, states its formula and reference in its
+docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
+"""
+
+from pgvar.estimators.baselines import batch_mean_baseline, optimal_constant_baseline
+from pgvar.estimators.normalization import NORMALIZATION_MODES, normalize_advantages
+from pgvar.estimators.returns import discounted_returns, gae_advantages, td_lambda_returns
+
+__all__ = [
+    "NORMALIZATION_MODES",
+    "batch_mean_baseline",
+    "discounted_returns",
+    "gae_advantages",
+    "normalize_advantages",
+    "optimal_constant_baseline",
+    "td_lambda_returns",
+]
