@@ -1,0 +1,323 @@
+r"""Paired comparison of policy-gradient estimators on shared batches.
+
+Every estimator sees the *same* sampled batches, so differences between them are not sampling luck. On a
+problem whose exact gradient is known (:mod:`pgvar.problems`) each batch of ``N`` episodes gives one estimate
+per estimator,
+
+.. math::  \hat g = \frac{1}{N} \sum_{i=1}^N \sum_t \gamma^t\, \nabla_\theta \log \pi_\theta(a_{it}|s_{it})\,
+           \big(\Psi_{it}\big),
+
+where the learning signal :math:`\Psi` is the return-to-go minus a baseline, or a GAE advantage. Repeating over
+``K`` independent batches gives, per estimator: the bias against the exact gradient with its standard error, the
+variance of the batch estimate (trace of its covariance, across batches), the signal-to-noise ratio
+:math:`\lVert\nabla J\rVert^2 / \operatorname{tr}\operatorname{Var}[\hat g]`, and the cosine to the exact
+gradient. The CLI (``pgvar compare``), the benchmarks and the docs call this module; it returns numbers only.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from pgvar._validation import check_choice, check_positive, check_unit_interval
+from pgvar.estimators import batch_mean_baseline, discounted_returns, gae_advantages, optimal_constant_baseline
+from pgvar.measure import estimate_statistics, flatten, flatten_per_sample, per_sample_gradients
+from pgvar.problems import ExactGradientProblem, GaussianBandit, LinearQuadraticRegulator, TabularMDP
+from pgvar.problems.base import EpisodeBatch, Params
+
+__all__ = [
+    "PROBLEMS",
+    "STATE_BASELINE_ESTIMATORS",
+    "ComparisonResult",
+    "EstimatorSummary",
+    "compare_on_problem",
+    "make_problem",
+]
+
+#: Built-in problems with exact gradients, by the name ``pgvar compare --problem`` takes.
+PROBLEMS: dict[str, Callable[[], ExactGradientProblem]] = {
+    "tabular": lambda: TabularMDP(n_states=5, n_actions=3, gamma=0.9, seed=0),
+    "bandit": lambda: GaussianBandit(obs_dim=2, action_dim=2, reward="quadratic", seed=0),
+    "lqr": lambda: LinearQuadraticRegulator(seed=0),
+}
+
+#: The state-baseline estimators, in table order, with what each one uses as the learning signal.
+STATE_BASELINE_ESTIMATORS: dict[str, str] = {
+    "none": "G_t (REINFORCE, no baseline)",
+    "batch_mean": "G_t - mean of the batch's returns",
+    "optimal_constant": "G_t - b*, b* = E[|g|^2 G] / E[|g|^2] on the batch (Greensmith et al. 2004)",
+    "exact_value": "G_t - V^pi(s_t), the exact state value",
+    "gae_fitted_value": "GAE(lambda) with V fitted by least squares on an independent batch",
+}
+
+
+def make_problem(name: str) -> ExactGradientProblem:
+    """Build a built-in problem by name (``"tabular"``, ``"bandit"``, ``"lqr"``)."""
+    check_choice("problem", name, PROBLEMS)
+    return PROBLEMS[name]()
+
+
+@dataclass(frozen=True)
+class EstimatorSummary:
+    """What one estimator did over ``n_batches`` shared batches (all numbers are plain floats).
+
+    :param name: estimator name (a key of :data:`STATE_BASELINE_ESTIMATORS`)
+    :param description: its learning signal in words
+    :param bias_norm: :math:`\\lVert \\bar g - \\nabla J \\rVert` of the mean over batches
+    :param bias_max_abs_z: largest per-coordinate :math:`|\\bar g_k - \\nabla J_k| / \\mathrm{SE}_k`
+        (a few units for an unbiased estimator; it grows like :math:`\\sqrt{K}` for a biased one)
+    :param variance: :math:`\\operatorname{tr}\\operatorname{Var}[\\hat g]` of one batch estimate, across batches
+    :param variance_ratio: ``variance`` divided by that of the first estimator of the comparison
+    :param snr: :math:`\\lVert \\nabla J \\rVert^2 / \\text{variance}` (exact gradient, so no plug-in bias)
+    :param cosine: mean cosine between a batch estimate and the exact gradient
+    :param cosine_se: its standard error over the batches
+    :param pairwise_cosine: mean cosine between two batch estimates (Ilyas et al. 2020)
+    """
+
+    name: str
+    description: str
+    bias_norm: float
+    bias_max_abs_z: float
+    variance: float
+    variance_ratio: float
+    snr: float
+    cosine: float
+    cosine_se: float
+    pairwise_cosine: float
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """A comparison's settings and one :class:`EstimatorSummary` per estimator (see :meth:`to_dict`)."""
+
+    problem: str
+    batch_size: int
+    n_batches: int
+    seed: int
+    gamma: float
+    gae_lambda: float
+    n_parameters: int
+    exact_gradient_norm: float
+    estimators: list[EstimatorSummary]
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of everything (``json.dumps(result.to_dict())``)."""
+        return asdict(self)
+
+    def summary(self, name: str) -> EstimatorSummary:
+        """The summary of the estimator called ``name``."""
+        for row in self.estimators:
+            if row.name == name:
+                return row
+        raise KeyError(f"no estimator {name!r} in this result; it has {[r.name for r in self.estimators]}")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for reproducing a number (MuJoCo trajectories drift between releases)."""
+    import numpy as np
+
+    import pgvar
+
+    versions = {"pgvar": pgvar.__version__, "torch": torch.__version__, "numpy": np.__version__}
+    versions["python"] = platform.python_version()
+    for module in ("gymnasium", "stable_baselines3", "mujoco"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:  # pragma: no cover - optional
+            pass
+    return versions
+
+
+def _score_vectors(problem: ExactGradientProblem, params: Params, batch: EpisodeBatch) -> torch.Tensor:
+    """``grad_theta log pi(a_t|s_t)`` of every valid step, scattered into ``[T, N, P]`` (zeros on padding).
+
+    Per-sample gradients of the problem's batched ``log_prob``, each sample given a leading dimension of one (a
+    0-d index tensor under ``vmap`` would need ``.item()``).
+    """
+    mask = batch.mask
+    grads = per_sample_gradients(
+        lambda p, obs, act: problem.log_prob(p, obs.unsqueeze(0), act.unsqueeze(0)).sum(),
+        params,
+        (batch.observations[mask], batch.actions[mask]),
+    )
+    flat = flatten_per_sample(grads)
+    scores = flat.new_zeros((*mask.shape, flat.shape[1]))
+    scores[mask] = flat
+    return scores
+
+
+def _value_features(observations: torch.Tensor, timesteps: torch.Tensor, n_states: int | None, horizon: int | None):
+    """Features for a least-squares value fit: one-hot states, or a quadratic in continuous observations,
+    times a one-hot of the time step on finite-horizon problems (whose values depend on time)."""
+    if n_states is not None:
+        features = torch.nn.functional.one_hot(observations.long(), n_states).to(torch.float64)
+    else:
+        x = observations.to(torch.float64).reshape(*observations.shape[:2], -1)
+        rows, cols = torch.triu_indices(x.shape[-1], x.shape[-1])
+        features = torch.cat([torch.ones_like(x[..., :1]), x, x[..., rows] * x[..., cols]], dim=-1)
+    if horizon is not None:
+        time = torch.nn.functional.one_hot(timesteps.clamp(max=horizon - 1), horizon).to(torch.float64)
+        features = (time.unsqueeze(-1) * features.unsqueeze(-2)).flatten(-2)
+    return features
+
+
+@dataclass
+class _FittedValue:
+    """A linear value function ``V(s) = phi(s, t) . w`` fitted by ridge regression on Monte Carlo returns."""
+
+    weights: torch.Tensor
+    n_states: int | None
+    horizon: int | None
+
+    @classmethod
+    def fit(cls, problem: ExactGradientProblem, batch: EpisodeBatch, gamma: float, ridge: float = 1e-6):
+        n_states = getattr(problem.observation_space, "n", None)
+        horizon = getattr(problem, "horizon", None)
+        returns = discounted_returns(batch.rewards, batch.terminated, batch.truncated, gamma=gamma)
+        phi = _value_features(batch.observations, batch.timesteps, n_states, horizon)[batch.mask]
+        gram = phi.T @ phi + ridge * len(phi) * torch.eye(phi.shape[1], dtype=phi.dtype)
+        weights = torch.linalg.solve(gram, phi.T @ returns[batch.mask])
+        return cls(weights, n_states, horizon)
+
+    def __call__(self, observations: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return _value_features(observations, timesteps, self.n_states, self.horizon) @ self.weights
+
+
+def _learning_signals(
+    names: Sequence[str],
+    problem: ExactGradientProblem,
+    params: Params,
+    batch: EpisodeBatch,
+    scores: torch.Tensor,
+    fitted_value: _FittedValue | None,
+    gamma: float,
+    gae_lambda: float,
+) -> dict[str, torch.Tensor]:
+    """The ``[T, N]`` learning signal of every estimator on one batch (before the ``gamma ** t`` weight)."""
+    mask = batch.mask
+    # Bootstrap only where an episode was cut by the time limit, from the exact value of its final state.
+    next_values = torch.where(
+        batch.truncated,
+        problem.exact_state_values(params, batch.next_observations, batch.timesteps + 1),
+        torch.zeros_like(batch.rewards),
+    )
+    returns = discounted_returns(batch.rewards, batch.terminated, batch.truncated, next_values, gamma=gamma)
+    discount = gamma ** batch.timesteps.to(returns.dtype)
+    signals: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name == "none":
+            signal = returns
+        elif name == "batch_mean":
+            signal = returns - batch_mean_baseline(returns, mask)
+        elif name == "optimal_constant":
+            weighted_sq_norms = (discount.unsqueeze(-1) * scores).square().sum(-1)
+            signal = returns - optimal_constant_baseline(returns, weighted_sq_norms, mask)
+        elif name == "exact_value":
+            signal = returns - problem.exact_state_values(params, batch.observations, batch.timesteps)
+        elif name == "gae_fitted_value":
+            assert fitted_value is not None
+            values = fitted_value(batch.observations, batch.timesteps)
+            next_fitted = fitted_value(batch.next_observations, batch.timesteps + 1)
+            signal = gae_advantages(
+                batch.rewards, values, next_fitted, batch.terminated, batch.truncated, gamma=gamma, gae_lambda=gae_lambda
+            )
+        else:  # pragma: no cover - names are validated by the caller
+            raise AssertionError(name)
+        signals[name] = signal * discount * mask
+    return signals
+
+
+def compare_on_problem(
+    problem: ExactGradientProblem | str = "tabular",
+    *,
+    estimators: Sequence[str] = tuple(STATE_BASELINE_ESTIMATORS),
+    batch_size: int = 32,
+    n_batches: int = 200,
+    seed: int = 0,
+    gae_lambda: float = 0.95,
+    progress: Callable[[int], None] | None = None,
+) -> ComparisonResult:
+    """Compare estimators of :math:`\\nabla J` on shared batches of a problem whose exact gradient is known.
+
+    :param problem: an :class:`~pgvar.problems.base.ExactGradientProblem` or a built-in name (:data:`PROBLEMS`)
+    :param estimators: names from :data:`STATE_BASELINE_ESTIMATORS`
+    :param batch_size: episodes per batch (one gradient estimate per batch)
+    :param n_batches: independent batches (>= 2: the variance is measured across them)
+    :param seed: seeds the policy parameters and the sampling
+    :param gae_lambda: lambda of the ``"gae_fitted_value"`` estimator
+    :param progress: called with the number of batches done after each batch (a progress bar's hook)
+    :return: a :class:`ComparisonResult`
+
+    >>> result = compare_on_problem("bandit", estimators=["none", "exact_value"], batch_size=16, n_batches=20)
+    >>> result.summary("exact_value").variance < result.summary("none").variance
+    True
+    """
+    problem_name = problem if isinstance(problem, str) else type(problem).__name__
+    if isinstance(problem, str):
+        problem = make_problem(problem)
+    estimators = list(estimators)
+    if not estimators:
+        raise ValueError("estimators must name at least one estimator, got an empty list")
+    for name in estimators:
+        check_choice("estimators", name, STATE_BASELINE_ESTIMATORS)
+    batch_size = int(check_positive("batch_size", batch_size, integer=True))
+    n_batches = int(check_positive("n_batches", n_batches, integer=True))
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be >= 2 (the variance is measured across batches), got {n_batches}")
+    gae_lambda = check_unit_interval("gae_lambda", gae_lambda)
+    gamma = float(problem.gamma)
+
+    generator = torch.Generator().manual_seed(seed)
+    params = problem.initial_parameters(seed)
+    exact = flatten(problem.exact_policy_gradient(params))
+    fitted_value = None
+    if "gae_fitted_value" in estimators:  # fitted on its own batch, so it is independent of the ones it scores
+        fit_batch = problem.sample_episodes(params, max(4 * batch_size, 256), generator)
+        fitted_value = _FittedValue.fit(problem, fit_batch, gamma)
+
+    estimates = {name: torch.empty(n_batches, exact.numel(), dtype=exact.dtype) for name in estimators}
+    for k in range(n_batches):
+        batch = problem.sample_episodes(params, batch_size, generator)
+        scores = _score_vectors(problem, params, batch)
+        signals = _learning_signals(estimators, problem, params, batch, scores, fitted_value, gamma, gae_lambda)
+        for name, signal in signals.items():
+            estimates[name][k] = torch.einsum("tn,tnp->p", signal, scores) / batch_size
+        if progress is not None:
+            progress(k + 1)
+
+    rows = []
+    first_variance = None
+    for name in estimators:
+        stats = estimate_statistics(estimates[name], reference=exact)
+        first_variance = stats.variance_trace if first_variance is None else first_variance
+        rows.append(
+            EstimatorSummary(
+                name=name,
+                description=STATE_BASELINE_ESTIMATORS[name],
+                bias_norm=float(stats.bias_norm),
+                bias_max_abs_z=float(stats.max_abs_z),
+                variance=float(stats.variance_trace),
+                variance_ratio=float(stats.variance_trace / first_variance),
+                snr=float(exact.square().sum() / stats.variance_trace),
+                cosine=float(stats.cosine_to_reference),
+                cosine_se=float(stats.cosine_to_reference_se),
+                pairwise_cosine=float(stats.pairwise_cosine),
+            )
+        )
+    return ComparisonResult(
+        problem=problem_name,
+        batch_size=batch_size,
+        n_batches=n_batches,
+        seed=seed,
+        gamma=gamma,
+        gae_lambda=gae_lambda,
+        n_parameters=exact.numel(),
+        exact_gradient_norm=float(exact.norm()),
+        estimators=rows,
+        versions=library_versions(),
+    )
