@@ -49,12 +49,14 @@ def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Raise ``ValueError`` unless ``tensor.shape == shape``."""
+def check_shape(
+    name: str, tensor: torch.Tensor, shape: tuple[int, ...] | torch.Size, like: str = "rewards"
+) -> torch.Tensor:
+    """Raise ``ValueError`` unless ``tensor.shape == shape`` (the shape of the argument called ``like``)."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(tensor).__name__}")
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (like rewards), got {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)} (like {like}), got {tuple(tensor.shape)}")
     return tensor
 
 

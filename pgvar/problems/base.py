@@ -108,9 +108,12 @@ def check_parameters(params: Params, shapes: dict[str, tuple[int, ...]]) -> Para
         raise ValueError(f"params must have exactly the keys {sorted(shapes)}, got {sorted(params)}")
     for name, shape in shapes.items():
         value = params[name]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != tuple(shape):
-            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+        is_tensor = isinstance(value, torch.Tensor)
+        if not is_tensor or not value.is_floating_point() or tuple(value.shape) != tuple(shape):
+            got = f"shape {tuple(value.shape)}" if is_tensor else type(value).__name__
+            if is_tensor and not value.is_floating_point():
                 got = f"dtype {value.dtype}"
-            raise ValueError(f"params[{name!r}] must be a floating-point tensor of shape {tuple(shape)}, got {got}")
+            raise ValueError(
+                f"params[{name!r}] must be a floating-point tensor of shape {tuple(shape)}, got {got}"
+            )
     return params

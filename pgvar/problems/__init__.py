@@ -1,0 +1,25 @@
+"""Small environments whose exact policy gradient is known: the ground truth of pgvar's unbiasedness tests.
+
+Each problem is a real ``gymnasium.Env`` and implements :class:`~pgvar.problems.base.ExactGradientProblem`:
+exact return, exact gradient, exact state values, vectorized episode sampling (time-major
+:class:`~pgvar.problems.base.EpisodeBatch`) and a differentiable ``log_prob``.
+
+- :class:`TabularMDP`: random finite MDP, tabular softmax policy, solved by linear algebra.
+- :class:`GaussianBandit`: one-step contextual bandit, linear-Gaussian policy, closed-form expected reward.
+- :class:`LinearQuadraticRegulator`: finite-horizon LQR, linear-Gaussian policy, adjoint (Riccati-like) gradient.
+"""
+
+from pgvar.problems.bandit import GaussianBandit
+from pgvar.problems.base import EpisodeBatch, ExactGradientProblem, Params, check_parameters
+from pgvar.problems.lqr import LinearQuadraticRegulator
+from pgvar.problems.tabular import TabularMDP
+
+__all__ = [
+    "EpisodeBatch",
+    "ExactGradientProblem",
+    "GaussianBandit",
+    "LinearQuadraticRegulator",
+    "Params",
+    "TabularMDP",
+    "check_parameters",
+]
