@@ -14,7 +14,19 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pgvar.compare import PROBLEMS, STATE_BASELINE_ESTIMATORS, ComparisonResult, compare_on_problem
+from pgvar.compare import (
+    ENV_BASELINES,
+    ENV_NORMALIZATIONS,
+    PROBLEMS,
+    STATE_BASELINE_ESTIMATORS,
+    ComparisonResult,
+    EnvComparisonResult,
+    compare_on_env,
+    compare_on_problem,
+)
+
+#: Algorithms ``pgvar compare --model`` can load.
+ALGORITHMS = ("ppo", "a2c", "trpo")
 
 
 def _positive_int(text: str) -> int:
@@ -50,13 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"estimators to compare (default: all of {', '.join(STATE_BASELINE_ESTIMATORS)})",
     )
     compare.add_argument("--batch-size", type=_positive_int, default=32, help="episodes per batch (default: 32)")
-    compare.add_argument("--n-batches", type=_positive_int, default=400, help="independent batches (default: 400)")
+    compare.add_argument(
+        "--n-batches", type=_positive_int, default=None, help="independent batches (default: 400 on a problem, 30 with --env)"
+    )
     compare.add_argument("--gae-lambda", type=float, default=0.95, help="lambda of the GAE estimator (default: 0.95)")
     compare.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     compare.add_argument(
         "--output", type=Path, default=Path("pgvar_results"), help="folder for the JSON and PNG (default: ./pgvar_results)"
     )
     compare.add_argument("--no-plot", action="store_true", help="write no PNG")
+    env = compare.add_argument_group(
+        "real environments",
+        "With --env, a policy is trained briefly with pgvar.PPO (or loaded with --model) and held fixed; each "
+        "baseline x normalization choice is measured on the same batches against a large-batch reference.",
+    )
+    env.add_argument("--env", metavar="ID", help="a gymnasium environment id, e.g. CartPole-v1 or HalfCheetah-v5")
+    env.add_argument("--model", type=Path, metavar="PATH.zip", help="a saved SB3/pgvar model to measure (no training)")
+    env.add_argument("--algo", choices=ALGORITHMS, default="ppo", help="the algorithm that saved --model (default: ppo)")
+    env.add_argument("--train-steps", type=int, default=20_000, help="training steps before measuring (default: 20000)")
+    env.add_argument("--n-envs", type=_positive_int, default=8, help="parallel environments (default: 8)")
+    env.add_argument("--n-steps", type=_positive_int, default=256, help="steps per environment per batch (default: 256)")
+    env.add_argument(
+        "--reference-batches", type=_positive_int, default=30, help="batches in the reference gradient (default: 30)"
+    )
     return parser
 
 
@@ -134,6 +162,95 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike[str]) -> N
     plt.close(fig)
 
 
+def render_env_table(result: EnvComparisonResult):
+    """A rich table of an environment comparison (one row per baseline x normalization)."""
+    from rich.table import Table
+
+    table = Table(
+        title=(
+            f"{result.env_id}: policy after {result.trained_steps} steps; {result.n_batches} batches x "
+            f"{result.batch_steps} steps, seed {result.seed}"
+        ),
+        caption=f"reference: {result.reference}. SNR = |mean|^2 / tr Var of one batch estimate (debiased: minus "
+        "the mean's own noise). Scale-free, so normalized and raw estimates compare.",
+    )
+    for column in ("baseline", "normalization", "SNR", "SNR debiased", "cos to reference", "pairwise cos"):
+        table.add_column(column, justify="left" if column in ("baseline", "normalization") else "right")
+    for row in result.estimators:
+        table.add_row(
+            row.baseline,
+            row.normalization,
+            f"{row.snr:.3g}",
+            f"{row.snr_debiased:.3g}",
+            f"{row.cosine:.3f} ± {row.cosine_se:.3f}",
+            f"{row.pairwise_cosine:.3f}",
+        )
+    return table
+
+
+def plot_env_comparison(result: EnvComparisonResult, path: str | os.PathLike[str]) -> None:
+    """Grouped bars per baseline (one colour per normalization): debiased SNR and cosine to the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = list(dict.fromkeys(row.baseline for row in result.estimators))
+    modes = list(dict.fromkeys(row.normalization for row in result.estimators))
+    width = 0.8 / len(modes)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for j, mode in enumerate(modes):
+        rows = [result.summary(b, mode) for b in baselines]
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(baselines))]
+        left.bar(xs, [max(r.snr_debiased, 1e-3) for r in rows], width, label=f"normalize: {mode}")
+        right.bar(xs, [r.cosine for r in rows], width, yerr=[2 * r.cosine_se for r in rows], capsize=3, label=mode)
+    for axis in (left, right):
+        axis.set_xticks(range(len(baselines)), baselines)
+        axis.set_xlabel("baseline")
+    left.set_yscale("log")
+    left.set_ylabel("debiased SNR of one batch estimate")
+    left.set_title("signal-to-noise (higher is better)")
+    left.legend(fontsize=8)
+    right.set_ylabel("cosine to the reference gradient (±2 SE)")
+    right.set_title("direction (higher is better)")
+    right.set_ylim(min(0.0, min(r.cosine for r in result.estimators)), 1.0)
+    fig.suptitle(f"pgvar compare: {result.env_id}, {result.n_batches} batches of {result.batch_steps} steps")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load_model(path: Path, algo: str):
+    from pgvar.algos import A2C, PPO, TRPO
+
+    algorithm = {"ppo": PPO, "a2c": A2C, "trpo": TRPO}[algo]
+    return algorithm.load(path, device="cpu")
+
+
+def run_compare_env(args: argparse.Namespace, console) -> EnvComparisonResult:
+    from rich.progress import Progress
+
+    model = _load_model(args.model, args.algo) if args.model is not None else None
+    with Progress(console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{stage} on {args.env}", total=total)
+            bar.update(tasks[stage], completed=done)
+
+        return compare_on_env(
+            args.env,
+            model=model,
+            train_steps=args.train_steps,
+            n_envs=args.n_envs,
+            n_steps=args.n_steps,
+            n_batches=args.n_batches,
+            reference_batches=args.reference_batches,
+            seed=args.seed,
+            progress=progress,
+        )
+
+
 def run_compare(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
@@ -142,28 +259,37 @@ def run_compare(args: argparse.Namespace) -> int:
     # The problems' tensors are tiny: intra-op threads only add synchronization, and on a loaded machine
     # OpenMP's spin-waiting makes them 10-20x slower. Leave the other cores to other work.
     torch.set_num_threads(1)
+    if args.n_batches is None:
+        args.n_batches = 30 if args.env is not None else 400
 
     # Rich wraps at 80 columns when stdout is not a terminal (CI logs, pipes): give the table room there.
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"sampling {args.problem}", total=args.n_batches)
-        result = compare_on_problem(
-            args.problem,
-            estimators=args.estimators,
-            batch_size=args.batch_size,
-            n_batches=args.n_batches,
-            seed=args.seed,
-            gae_lambda=args.gae_lambda,
-            progress=lambda done: bar.update(task, completed=done),
-        )
-    console.print(render_table(result))
-    stem = args.output / f"compare_{args.problem}_seed{args.seed}"
+    if args.env is not None:
+        result: ComparisonResult | EnvComparisonResult = run_compare_env(args, console)
+        console.print(render_env_table(result))
+        stem = args.output / f"compare_{args.env}_seed{args.seed}"
+        plot = plot_env_comparison
+    else:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"sampling {args.problem}", total=args.n_batches)
+            result = compare_on_problem(
+                args.problem,
+                estimators=args.estimators,
+                batch_size=args.batch_size,
+                n_batches=args.n_batches,
+                seed=args.seed,
+                gae_lambda=args.gae_lambda,
+                progress=lambda done: bar.update(task, completed=done),
+            )
+        console.print(render_table(result))
+        stem = args.output / f"compare_{args.problem}_seed{args.seed}"
+        plot = plot_comparison
     json_path = stem.with_suffix(".json")
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
     console.print(f"numbers: {json_path}")
     if not args.no_plot:
         png_path = stem.with_suffix(".png")
-        _atomic_write(png_path, lambda tmp: plot_comparison(result, tmp + ".png") or os.replace(tmp + ".png", tmp))
+        _atomic_write(png_path, lambda tmp: plot(result, tmp + ".png") or os.replace(tmp + ".png", tmp))
         console.print(f"plot:    {png_path}")
     return 0
 

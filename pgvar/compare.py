@@ -24,16 +24,29 @@ from typing import Any
 import torch
 
 from pgvar._validation import check_choice, check_positive, check_unit_interval
-from pgvar.estimators import batch_mean_baseline, discounted_returns, gae_advantages, optimal_constant_baseline
+from pgvar.estimators import (
+    batch_mean_baseline,
+    discounted_returns,
+    gae_advantages,
+    normalize_advantages,
+    optimal_constant_baseline,
+)
 from pgvar.measure import estimate_statistics, flatten, flatten_per_sample, per_sample_gradients
 from pgvar.problems import ExactGradientProblem, GaussianBandit, LinearQuadraticRegulator, TabularMDP
 from pgvar.problems.base import EpisodeBatch, Params
 
 __all__ = [
+    "ENV_BASELINES",
+    "ENV_NORMALIZATIONS",
     "PROBLEMS",
     "STATE_BASELINE_ESTIMATORS",
     "ComparisonResult",
     "EstimatorSummary",
+    "EnvComparisonResult",
+    "EnvEstimatorSummary",
+    "RolloutBatch",
+    "collect_rollout",
+    "compare_on_env",
     "compare_on_problem",
     "make_problem",
 ]
@@ -318,6 +331,353 @@ def compare_on_problem(
         gae_lambda=gae_lambda,
         n_parameters=exact.numel(),
         exact_gradient_norm=float(exact.norm()),
+        estimators=rows,
+        versions=library_versions(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real environments: an SB3 policy held fixed, many independent batches, a large-batch reference gradient.
+
+#: Baselines compared on a gymnasium environment (the ``baseline`` options of pgvar's algorithms).
+ENV_BASELINES: dict[str, str] = {
+    "value": "GAE(lambda) with the policy's learned V (SB3's default)",
+    "none": "G_t, the return-to-go bootstrapped from V at truncations and at the rollout's end",
+    "mean": "G_t - mean of the batch's returns",
+    "optimal": "G_t - b*, b* = E[|g|^2 G] / E[|g|^2] with per-sample score norms",
+}
+#: Advantage normalizations compared on a gymnasium environment.
+ENV_NORMALIZATIONS = ("minibatch", "batch", "none")
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """``n_steps`` steps of ``N`` parallel environments under a fixed policy, time-major ``[T, N]``.
+
+    ``next_values[t]`` is the value of the true successor of step ``t`` (the final observation at a
+    truncation); rewards are the environment's raw rewards (no bootstrap folded in, unlike SB3's buffer).
+    """
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    values: torch.Tensor
+    next_values: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+
+
+def collect_rollout(policy: Any, env: Any, n_steps: int, last_obs: Any) -> tuple[RolloutBatch, Any]:
+    """Run ``policy`` (an SB3 ``ActorCriticPolicy``) for ``n_steps`` steps of the ``VecEnv`` ``env``.
+
+    :return: the batch and the observation to continue from
+    """
+    import numpy as np
+    from gymnasium import spaces
+
+    rows: dict[str, list[Any]] = {k: [] for k in ("obs", "act", "rew", "val", "term", "trunc", "final")}
+    obs = last_obs
+    for _ in range(n_steps):
+        with torch.no_grad():
+            obs_tensor = policy.obs_to_tensor(obs)[0]
+            actions, values, _ = policy(obs_tensor)
+        actions_np = actions.cpu().numpy()
+        env_actions = actions_np
+        if isinstance(env.action_space, spaces.Box):  # SB3 clips what the env sees, and stores the raw action
+            env_actions = np.clip(actions_np, env.action_space.low, env.action_space.high)
+        new_obs, rewards, dones, infos = env.step(env_actions)
+        truncated = np.array([bool(d and info.get("TimeLimit.truncated", False)) for d, info in zip(dones, infos)])
+        final = np.full(len(dones), np.nan, dtype=np.float64)
+        for i in np.flatnonzero(truncated):
+            with torch.no_grad():
+                terminal = policy.obs_to_tensor(infos[i]["terminal_observation"])[0]
+                final[i] = float(policy.predict_values(terminal).squeeze())
+        rows["obs"].append(obs_tensor)
+        rows["act"].append(actions)
+        rows["rew"].append(torch.as_tensor(rewards, dtype=torch.float32))
+        rows["val"].append(values.flatten())
+        rows["term"].append(torch.as_tensor(dones & ~truncated))
+        rows["trunc"].append(torch.as_tensor(truncated))
+        rows["final"].append(torch.as_tensor(final, dtype=torch.float32))
+        obs = new_obs
+    with torch.no_grad():
+        last_values = policy.predict_values(policy.obs_to_tensor(obs)[0]).flatten()
+    values = torch.stack(rows["val"])
+    truncated_t = torch.stack(rows["trunc"])
+    next_values = torch.cat([values[1:], last_values[None]])
+    next_values = torch.where(truncated_t, torch.stack(rows["final"]), next_values)
+    batch = RolloutBatch(
+        observations=torch.stack(rows["obs"]),
+        actions=torch.stack(rows["act"]),
+        rewards=torch.stack(rows["rew"]),
+        values=values,
+        next_values=next_values,
+        terminated=torch.stack(rows["term"]),
+        truncated=truncated_t,
+    )
+    return batch, obs
+
+
+@dataclass(frozen=True)
+class EnvEstimatorSummary:
+    """One baseline x normalization choice over ``n_batches`` batches at a fixed policy.
+
+    Normalization rescales the gradient, so every number here is scale-free.
+
+    :param baseline: a key of :data:`ENV_BASELINES`
+    :param normalization: one of :data:`ENV_NORMALIZATIONS`
+    :param snr: :math:`\\lVert \\bar g \\rVert^2 / \\operatorname{tr}\\operatorname{Var}[\\hat g]` (plug-in)
+    :param snr_debiased: the same with the mean's own noise removed,
+        :math:`(\\lVert \\bar g \\rVert^2 - \\operatorname{tr}\\operatorname{Var}/K) / \\operatorname{tr}\\operatorname{Var}`
+    :param cosine: mean cosine between a batch estimate and the reference gradient
+    :param cosine_se: its standard error over the batches
+    :param pairwise_cosine: mean cosine between two batch estimates
+    """
+
+    baseline: str
+    normalization: str
+    snr: float
+    snr_debiased: float
+    cosine: float
+    cosine_se: float
+    pairwise_cosine: float
+
+
+@dataclass(frozen=True)
+class EnvComparisonResult:
+    """Settings of an environment comparison and one :class:`EnvEstimatorSummary` per choice."""
+
+    env_id: str
+    batch_steps: int
+    n_envs: int
+    n_batches: int
+    reference_batches: int
+    trained_steps: int
+    seed: int
+    gamma: float
+    gae_lambda: float
+    minibatch_size: int
+    reference: str
+    estimators: list[EnvEstimatorSummary]
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of everything."""
+        return asdict(self)
+
+    def summary(self, baseline: str, normalization: str) -> EnvEstimatorSummary:
+        """The summary of one baseline x normalization choice."""
+        for row in self.estimators:
+            if (row.baseline, row.normalization) == (baseline, normalization):
+                return row
+        raise KeyError(f"no estimator ({baseline!r}, {normalization!r}) in this result")
+
+
+def _env_signals(
+    batch: RolloutBatch,
+    baselines: Sequence[str],
+    gamma: float,
+    gae_lambda: float,
+    score_sq_norms: Callable[[], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The ``[T, N]`` advantage of each baseline on one batch, from :mod:`pgvar.estimators`."""
+    args = (batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated)
+    returns = None
+    if set(baselines) - {"value"}:
+        returns = discounted_returns(
+            batch.rewards, batch.terminated, batch.truncated, batch.next_values, gamma=gamma
+        )
+    signals = {}
+    for name in baselines:
+        if name == "value":
+            signals[name] = gae_advantages(*args, gamma=gamma, gae_lambda=gae_lambda)
+        elif name == "none":
+            signals[name] = returns
+        elif name == "mean":
+            signals[name] = returns - batch_mean_baseline(returns)
+        elif name == "optimal":
+            signals[name] = returns - optimal_constant_baseline(returns, score_sq_norms().reshape(returns.shape).float())
+    return signals
+
+
+def _ProgressCallback(progress: Callable[[str, int, int], None] | None, total: int) -> Any:
+    """An SB3 callback that reports training progress as ``progress("training", steps, total)``."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class ProgressCallback(BaseCallback):
+        def _on_step(self) -> bool:
+            if progress is not None and self.n_calls % 64 == 0:
+                progress("training", min(self.num_timesteps, total), total)
+            return True
+
+    return ProgressCallback()
+
+
+def compare_on_env(
+    env_id: str = "CartPole-v1",
+    *,
+    model: Any = None,
+    train_steps: int = 20_000,
+    baselines: Sequence[str] = tuple(ENV_BASELINES),
+    normalizations: Sequence[str] = ENV_NORMALIZATIONS,
+    n_envs: int = 8,
+    n_steps: int = 256,
+    n_batches: int = 30,
+    reference_batches: int = 30,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EnvComparisonResult:
+    """Compare baseline x normalization choices of the policy gradient at a fixed SB3 policy on a real env.
+
+    The policy is trained briefly with :class:`pgvar.PPO` (or ``model`` is used as it is), then held fixed.
+    ``n_batches`` independent batches of ``n_steps x n_envs`` steps are collected; every choice computes its
+    advantages on the same batches (:mod:`pgvar.estimators`) and its policy-gradient estimate
+    :math:`\\nabla_\\theta \\tfrac{1}{M}\\sum_i \\tilde A_i \\log \\pi_\\theta(a_i|s_i)` (PPO's gradient at ratio 1)
+    over the actor's parameters; ``"minibatch"`` normalization averages the gradients of minibatches of the
+    model's ``batch_size``, normalized separately, as one PPO epoch does. The reference gradient is the mean,
+    over ``reference_batches`` further batches, of the unbiased GAE(lambda = 1) estimate with the learned V
+    (no normalization).
+
+    :param env_id: a gymnasium id (MuJoCo ids need ``gymnasium[mujoco]``)
+    :param model: an SB3 on-policy model (PPO, A2C, TRPO or pgvar's); ``None`` trains a :class:`pgvar.PPO`
+    :param train_steps: environment steps of that training (0: the untrained policy)
+    :param baselines: keys of :data:`ENV_BASELINES`
+    :param normalizations: members of :data:`ENV_NORMALIZATIONS`
+    :param n_envs: parallel environments of the sampling ``VecEnv``
+    :param n_steps: steps per environment in one batch
+    :param n_batches: batches measured (>= 2)
+    :param reference_batches: batches pooled into the reference gradient (>= 1)
+    :param seed: seeds training, environments and minibatch shuffling
+    :param progress: called as ``progress(stage, done, total)``
+    :return: an :class:`EnvComparisonResult`
+    """
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from pgvar.algos._mixin import is_actor_parameter
+    from pgvar.measure import per_sample_grad_sq_norms
+
+    for name in baselines:
+        check_choice("baselines", name, ENV_BASELINES)
+    for name in normalizations:
+        check_choice("normalizations", name, ENV_NORMALIZATIONS)
+    if not baselines or not normalizations:
+        raise ValueError("baselines and normalizations must each name at least one choice, got an empty list")
+    for arg, value in (("n_envs", n_envs), ("n_steps", n_steps), ("n_batches", n_batches)):
+        check_positive(arg, value, integer=True)
+    check_positive("reference_batches", reference_batches, integer=True)
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be >= 2 (the variance is measured across batches), got {n_batches}")
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+        raise ValueError(f"train_steps must be a whole number >= 0, got {train_steps!r}")
+
+    env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
+    if model is None:
+        from pgvar.algos import PPO
+
+        model = PPO("MlpPolicy", env, seed=seed, device="cpu")
+        if train_steps > 0:
+            model.learn(train_steps, callback=_ProgressCallback(progress, train_steps))
+        trained = int(model.num_timesteps)
+    else:
+        trained = int(getattr(model, "num_timesteps", 0))
+    policy = model.policy
+    policy.set_training_mode(False)
+    gamma, gae_lambda = float(model.gamma), float(model.gae_lambda)
+    minibatch_size = int(getattr(model, "batch_size", None) or n_steps * n_envs)
+    actor = {name: p for name, p in policy.named_parameters() if is_actor_parameter(name)}
+    names = sorted(actor)
+    generator = torch.Generator().manual_seed(seed)
+
+    def log_probs(observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        flat_actions = actions.long().flatten() if actions.dtype in (torch.int32, torch.int64) else actions
+        return policy.get_distribution(observations).log_prob(flat_actions)
+
+    def gradients(batch: RolloutBatch, signals: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+        m = batch.rewards.numel()
+        observations = batch.observations.reshape(m, *batch.observations.shape[2:])
+        actions = batch.actions.reshape(m, *batch.actions.shape[2:])
+        logp = log_probs(observations, actions)
+        permutation = torch.randperm(m, generator=generator)
+        minibatches = list(permutation.split(minibatch_size))
+        out = {}
+        for baseline, signal in signals.items():
+            for mode in normalizations:
+                if mode == "minibatch":
+                    adv = normalize_advantages(signal, "minibatch", minibatch_indices=minibatches)
+                else:
+                    adv = normalize_advantages(signal, mode)
+                grads = torch.autograd.grad(
+                    (adv.reshape(-1).detach() * logp).mean(), [actor[n] for n in names], retain_graph=True
+                )
+                out[(baseline, mode)] = torch.cat([g.reshape(-1) for g in grads]).double()
+        return out
+
+    def sq_norms_for(batch: RolloutBatch) -> Callable[[], torch.Tensor]:
+        def compute() -> torch.Tensor:
+            m = batch.rewards.numel()
+            return per_sample_grad_sq_norms(
+                policy,
+                lambda module, obs, act: module.get_distribution(obs).log_prob(
+                    act.long().flatten() if act.dtype in (torch.int32, torch.int64) else act
+                ).sum(),
+                (batch.observations.reshape(m, *batch.observations.shape[2:]), batch.actions.reshape(m, *batch.actions.shape[2:])),
+                params=names,
+            )
+
+        return compute
+
+    last_obs = env.reset()
+    reference_sum = None
+    for k in range(reference_batches):
+        batch, last_obs = collect_rollout(policy, env, n_steps, last_obs)
+        advantage = gae_advantages(
+            batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated, gamma=gamma, gae_lambda=1.0
+        )
+        logp = log_probs(batch.observations.reshape(-1, *batch.observations.shape[2:]), batch.actions.reshape(-1, *batch.actions.shape[2:]))
+        grads = torch.autograd.grad((advantage.reshape(-1) * logp).mean(), [actor[n] for n in names])
+        flat = torch.cat([g.reshape(-1) for g in grads]).double()
+        reference_sum = flat if reference_sum is None else reference_sum + flat
+        if progress is not None:
+            progress("reference", k + 1, reference_batches)
+    reference = reference_sum / reference_batches
+
+    estimates: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for k in range(n_batches):
+        batch, last_obs = collect_rollout(policy, env, n_steps, last_obs)
+        signals = _env_signals(batch, baselines, gamma, gae_lambda, sq_norms_for(batch))
+        for key, value in gradients(batch, signals).items():
+            estimates.setdefault(key, []).append(value)
+        if progress is not None:
+            progress("batches", k + 1, n_batches)
+    env.close()
+
+    rows = []
+    for (baseline, mode), values in estimates.items():
+        stats = estimate_statistics(torch.stack(values), reference=reference)
+        variance = stats.variance_trace
+        rows.append(
+            EnvEstimatorSummary(
+                baseline=baseline,
+                normalization=mode,
+                snr=float(stats.mean_norm**2 / variance),
+                snr_debiased=float((stats.mean_norm**2 - variance / n_batches) / variance),
+                cosine=float(stats.cosine_to_reference),
+                cosine_se=float(stats.cosine_to_reference_se),
+                pairwise_cosine=float(stats.pairwise_cosine),
+            )
+        )
+    return EnvComparisonResult(
+        env_id=env_id,
+        batch_steps=n_steps * n_envs,
+        n_envs=n_envs,
+        n_batches=n_batches,
+        reference_batches=reference_batches,
+        trained_steps=trained,
+        seed=seed,
+        gamma=gamma,
+        gae_lambda=gae_lambda,
+        minibatch_size=minibatch_size,
+        reference=f"mean of {reference_batches} batch estimates of GAE(lambda=1) with the learned V, no normalization",
         estimators=rows,
         versions=library_versions(),
     )

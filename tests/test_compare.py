@@ -131,3 +131,71 @@ def test_cli_bad_input_exits_with_a_message_and_keeps_old_results(tmp_path, caps
         cli.main(["compare", "--batch-size", "0"])
     assert "must be a whole number > 0, got '0'" in capsys.readouterr().err
     assert old.read_text() == "previous results"
+
+
+# ------------------------------------------------------------------------------------ real environments
+def test_rollout_and_gae_reproduce_sb3_collect_rollouts_with_truncations():
+    """Same policy, same seeds: our raw-reward rollout + gae_advantages equals SB3's buffer, where SB3 folds
+    the truncation bootstrap into the reward. Pendulum's 200-step time limit truncates inside the rollout."""
+    import numpy as np
+    from stable_baselines3 import PPO as SB3PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from pgvar.compare import collect_rollout
+    from pgvar.estimators import gae_advantages
+
+    n_steps = 250
+    model = SB3PPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=3), n_steps=n_steps, batch_size=50, seed=3, device="cpu")
+    model._setup_learn(n_steps * 2, callback=None)
+    torch.manual_seed(11)
+    from stable_baselines3.common.callbacks import CallbackList
+
+    callback = CallbackList([])
+    callback.init_callback(model)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=n_steps)
+    expected = model.rollout_buffer.advantages.copy()
+
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=3)
+    torch.manual_seed(11)
+    batch, _ = collect_rollout(model.policy, env, n_steps, env.reset())
+    assert batch.truncated.any() and not batch.terminated.any()
+    adv = gae_advantages(
+        batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated,
+        gamma=model.gamma, gae_lambda=model.gae_lambda,
+    )
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compare_on_env_constant_baselines_vanish_under_normalization():
+    from pgvar.compare import compare_on_env
+
+    result = compare_on_env(
+        "CartPole-v1", train_steps=0, n_envs=2, n_steps=32, n_batches=3, reference_batches=2, seed=1
+    )
+    assert len(result.estimators) == 12
+    # Normalizing subtracts the batch mean, so any constant baseline gives the same gradient.
+    rows = [result.summary(b, "batch") for b in ("none", "mean", "optimal")]
+    for row in rows[1:]:
+        assert row.snr == pytest.approx(rows[0].snr, rel=1e-4)
+        assert row.cosine == pytest.approx(rows[0].cosine, rel=1e-4)
+    # Without normalization they differ, and the reference is GAE(lambda=1): every cosine is a cosine.
+    assert result.summary("none", "none").snr != pytest.approx(result.summary("optimal", "none").snr, rel=1e-3)
+    assert all(-1.0 <= row.cosine <= 1.0 and row.snr > 0 for row in result.estimators)
+    with pytest.raises(ValueError, match="baselines must be one of 'value', 'none', 'mean', 'optimal'; got 'v'"):
+        compare_on_env("CartPole-v1", baselines=["v"])
+    with pytest.raises(ValueError, match="train_steps must be a whole number >= 0, got -1"):
+        compare_on_env("CartPole-v1", train_steps=-1)
+
+
+def test_cli_env_mode_with_a_saved_model(tmp_path, capsys):
+    from stable_baselines3 import PPO as SB3PPO
+
+    path = tmp_path / "model.zip"
+    SB3PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, seed=0, device="cpu").save(path)
+    args = ["compare", "--env", "CartPole-v1", "--model", str(path), "--n-envs", "2", "--n-steps", "32",
+            "--n-batches", "3", "--reference-batches", "2", "--output", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "optimal" in capsys.readouterr().out
+    data = json.loads((tmp_path / "compare_CartPole-v1_seed0.json").read_text())
+    assert data["trained_steps"] == 0 and len(data["estimators"]) == 12
+    assert (tmp_path / "compare_CartPole-v1_seed0.png").read_bytes().startswith(b"\x89PNG")
