@@ -1,19 +1,45 @@
-"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization.
+"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization, control variates.
 
 Every function takes time-major ``[T, N]`` tensors where time matters, states its formula and reference in its
 docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
 """
 
 from pgvar.estimators.baselines import batch_mean_baseline, optimal_constant_baseline
+from pgvar.estimators.control_variates import (
+    QPROP_ETA_RULES,
+    QPROP_ETA_SCOPES,
+    QPROP_NORMALIZATION_MODES,
+    AllActionControlVariate,
+    QPropNormalized,
+    all_action_control_variate,
+    qprop_action_variance,
+    qprop_control_variate,
+    qprop_correction_surrogate,
+    qprop_eta,
+    qprop_learning_signal,
+    qprop_normalize,
+)
 from pgvar.estimators.normalization import NORMALIZATION_MODES, normalize_advantages
 from pgvar.estimators.returns import discounted_returns, gae_advantages, td_lambda_returns
 
 __all__ = [
     "NORMALIZATION_MODES",
+    "QPROP_ETA_RULES",
+    "QPROP_ETA_SCOPES",
+    "QPROP_NORMALIZATION_MODES",
+    "AllActionControlVariate",
+    "QPropNormalized",
+    "all_action_control_variate",
     "batch_mean_baseline",
     "discounted_returns",
     "gae_advantages",
     "normalize_advantages",
     "optimal_constant_baseline",
+    "qprop_action_variance",
+    "qprop_control_variate",
+    "qprop_correction_surrogate",
+    "qprop_eta",
+    "qprop_learning_signal",
+    "qprop_normalize",
     "td_lambda_returns",
 ]
