@@ -1,0 +1,185 @@
+"""The documentation is tested like code.
+
+(a) ``sphinx-build -W`` succeeds: no warning (a broken cross-reference, a docstring that is not valid reST, a
+    missing ``literalinclude`` target, an undocumented public name) gets through;
+(b) every ``examples/*.py`` script runs (in its small ``PGVAR_EXAMPLE_SMOKE=1`` version), so the code the docs
+    show by ``literalinclude`` is code that works;
+(c) every name in ``__all__`` of ``pgvar.estimators``, ``pgvar.measure`` and ``pgvar.problems`` is documented in
+    ``docs/api.md`` (rlax's coverage check; the same helpers also run inside the Sphinx build).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS_DIR = REPO_ROOT / "docs"
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.py"))
+COVERED_MODULES = ["pgvar.estimators", "pgvar.measure", "pgvar.problems"]
+
+
+def _load_coverage_check():
+    spec = importlib.util.spec_from_file_location(
+        "pgvar_docs_coverage_check", DOCS_DIR / "_ext" / "coverage_check.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+coverage_check = _load_coverage_check()
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Import the checkout under test, installed or not; one thread each (the suite runs on 2 shared cores).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env["MPLBACKEND"] = "Agg"
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ (a) build
+@pytest.mark.slow
+def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "sphinx",
+        "-W", "--keep-going",   # every warning is an error, and all of them are reported
+        "-b", "html",
+        "-d", str(tmp_path / "doctrees"),
+        "-q",
+        str(DOCS_DIR), str(tmp_path / "html"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_subprocess_env())
+    assert result.returncode == 0, f"sphinx-build failed:\n{result.stderr[-6000:]}\n{result.stdout[-2000:]}"
+    for page in ("index", "api", "guide/returns", "guide/baselines", "guide/measuring"):
+        assert (tmp_path / "html" / f"{page}.html").is_file(), page
+    api_html = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
+    # autodoc really ran (an import failure would leave the page without the functions' docstrings).
+    assert "Schulman" in api_html and "Greensmith" in api_html
+
+
+# --------------------------------------------------------------------------------------------- (b) examples
+def test_examples_exist() -> None:
+    names = {path.name for path in EXAMPLES}
+    assert {"estimators_tour.py", "measure_policy_gradient.py"} <= names, names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_example_runs_in_smoke_mode(script: Path, tmp_path: Path) -> None:
+    # Run from an empty folder, so that a script that writes files leaves nothing in the checkout.
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_subprocess_env(PGVAR_EXAMPLE_SMOKE="1"),
+    )
+    assert result.returncode == 0, f"{script.name} failed:\n{result.stderr[-6000:]}\n{result.stdout[-2000:]}"
+
+
+# --------------------------------------------------------------------------------------------- (c) coverage
+@pytest.mark.parametrize("module_name", COVERED_MODULES)
+def test_public_names_are_documented_in_api_page(module_name: str) -> None:
+    module = coverage_check.load_public_module(module_name)
+    if module is None:
+        pytest.skip(f"{module_name} does not exist yet")
+    documented = coverage_check.names_documented_in((DOCS_DIR / "api.md").read_text(encoding="utf-8"))
+    missing, _ = coverage_check.undocumented_names([module_name], documented)
+    assert not missing, f"in {module_name}.__all__ but not documented in docs/api.md: {missing}"
+
+
+def test_coverage_config_matches_the_test() -> None:
+    conf = (DOCS_DIR / "conf.py").read_text(encoding="utf-8")
+    for module_name in COVERED_MODULES:
+        assert f'"{module_name}"' in conf, module_name
+    assert '"coverage_check"' in conf
+
+
+def test_coverage_parser_reads_rest_and_myst_directives() -> None:
+    text = """
+```{eval-rst}
+.. currentmodule:: pkg.alpha
+
+.. autofunction:: first
+
+.. autoclass:: Second
+   :members:
+```
+
+```{autofunction} pkg.beta.third
+```
+
+```{currentmodule} pkg.gamma
+```
+
+```{autodata} FOURTH
+```
+
+```{eval-rst}
+.. py:data:: Fifth
+   :type: int
+```
+
+.. autosummary::
+
+   not_documented_by_a_summary
+"""
+    assert coverage_check.names_documented_in(text) == {
+        "pkg.alpha.first",
+        "pkg.alpha.Second",
+        "pkg.beta.third",
+        "pkg.gamma.FOURTH",
+        "pkg.gamma.Fifth",
+    }
+
+
+def test_coverage_check_reports_a_missing_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    def documented_function() -> None: ...
+
+    def re_exported_function() -> None: ...
+
+    def forgotten_function() -> None: ...
+
+    fake = types.ModuleType("pgvar_fake_public_module")
+    fake.__file__ = "pgvar_fake_public_module.py"
+    fake.__all__ = ["documented_function", "re_exported_function", "forgotten_function", "FORGOTTEN_CONSTANT"]
+    fake.documented_function = documented_function
+    fake.re_exported_function = re_exported_function
+    fake.forgotten_function = forgotten_function
+    fake.FORGOTTEN_CONSTANT = ("a", "b")
+    defining = types.ModuleType("pgvar_fake_public_module_impl")
+    defining.re_exported_function = re_exported_function
+    defining.OTHER_NAME = fake.FORGOTTEN_CONSTANT  # the same object under another short name does not count
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(sys.modules, defining.__name__, defining)
+    monkeypatch.setattr(
+        coverage_check, "load_public_module", lambda name: fake if name == fake.__name__ else None
+    )
+
+    documented = {
+        "pgvar_fake_public_module.documented_function",
+        "pgvar_fake_public_module_impl.re_exported_function",  # the same function under its defining module
+        "pgvar_fake_public_module_impl.OTHER_NAME",
+    }
+    missing, skipped = coverage_check.undocumented_names(
+        [fake.__name__, "pgvar_module_that_does_not_exist"], documented
+    )
+    assert missing == [
+        "pgvar_fake_public_module.forgotten_function",
+        "pgvar_fake_public_module.FORGOTTEN_CONSTANT",
+    ]
+    assert skipped == ["pgvar_module_that_does_not_exist"]
