@@ -1,0 +1,298 @@
+"""The one piece pgvar's on-policy algorithms share: estimator options, the rollout buffer, atomic save/load.
+
+:class:`OnPolicyEstimatorMixin` goes first in the bases of a subclass of an SB3 ``OnPolicyAlgorithm`` whose
+``train()`` reads the advantages from ``self.rollout_buffer`` and the SB3 flag ``self.normalize_advantage``
+(PPO, A2C, sb3-contrib's TRPO, or any A2C-like class). It changes no ``train()``: the estimator math runs in the
+rollout buffer (:mod:`pgvar.algos.buffers`, which calls :mod:`pgvar.estimators`) before SB3's ``train()``
+reads the advantages, and per-minibatch normalization stays SB3's own line in ``train()``.
+
+A subclass's ``__init__`` calls :meth:`OnPolicyEstimatorMixin._init_estimator_options` **before**
+``super().__init__`` and passes the returned flag on as SB3's ``normalize_advantage``::
+
+    class PPO(OnPolicyEstimatorMixin, stable_baselines3.PPO):
+        def __init__(self, policy, env, ..., normalize_advantage=True, ..., *, baseline="value"):
+            minibatch = self._init_estimator_options(
+                gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage
+            )
+            super().__init__(policy, env, ..., normalize_advantage=minibatch, ...)
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
+from stable_baselines3.common.type_aliases import GymEnv
+
+from pgvar._validation import check_choice, check_unit_interval
+from pgvar.algos._save import atomic_save, check_model_archive
+from pgvar.algos.buffers import (
+    BASELINES,
+    EstimatorBufferMixin,
+    EstimatorDictRolloutBuffer,
+    EstimatorRolloutBuffer,
+)
+from pgvar.estimators import NORMALIZATION_MODES
+from pgvar.measure import per_sample_grad_sq_norms
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+    _Base = OnPolicyAlgorithm
+else:
+    _Base = object
+
+__all__ = ["OnPolicyEstimatorMixin", "advantage_normalization_mode", "is_actor_parameter"]
+
+SelfMixin = TypeVar("SelfMixin", bound="OnPolicyEstimatorMixin")
+
+#: Values ``normalize_advantage`` accepts: SB3's booleans (``True`` = per minibatch, ``False`` = none) and the modes.
+NORMALIZE_ADVANTAGE_VALUES = (True, False, *NORMALIZATION_MODES)
+
+
+def advantage_normalization_mode(normalize_advantage: bool | str) -> str:
+    """Map a ``normalize_advantage`` argument to ``"minibatch"``, ``"batch"`` or ``"none"``.
+
+    >>> advantage_normalization_mode(True), advantage_normalization_mode(False), advantage_normalization_mode("batch")
+    ('minibatch', 'none', 'batch')
+    """
+    check_choice("normalize_advantage", normalize_advantage, NORMALIZE_ADVANTAGE_VALUES)
+    if isinstance(normalize_advantage, str):
+        return normalize_advantage
+    return "minibatch" if normalize_advantage else "none"
+
+
+def is_actor_parameter(name: str) -> bool:
+    """Whether a parameter of an SB3 ``ActorCriticPolicy`` can change ``pi(a|s)`` (TRPO's rule: the critic's
+    parameters have ``value`` in their name, plus the critic's own features extractor when it is not shared).
+
+    >>> is_actor_parameter("action_net.weight"), is_actor_parameter("mlp_extractor.value_net.0.bias")
+    (True, False)
+    """
+    return "value" not in name and not name.startswith("vf_features_extractor")
+
+
+class OnPolicyEstimatorMixin(_Base):
+    """Adds ``baseline`` and the ``normalize_advantage`` modes to an SB3 on-policy algorithm (see module doc).
+
+    Attributes set here (saved with the model): ``baseline`` (``"value"``, ``"none"``, ``"mean"`` or
+    ``"optimal"``), ``advantage_normalization`` (``"minibatch"``, ``"batch"`` or ``"none"``) and SB3's flag
+    ``normalize_advantage`` (a bool, ``True`` only for ``"minibatch"``: whether SB3's ``train()`` normalizes each
+    minibatch).
+    """
+
+    baseline: str
+    advantage_normalization: str
+    normalize_advantage: bool
+
+    # ------------------------------------------------------------------------------------------ options
+    def _init_estimator_options(
+        self, *, gamma: float, gae_lambda: float, baseline: str, normalize_advantage: bool | str
+    ) -> bool:
+        """Validate the estimator arguments, store them, and return SB3's per-minibatch normalization flag."""
+        check_unit_interval("gamma", gamma)
+        check_unit_interval("gae_lambda", gae_lambda)
+        self.baseline = check_choice("baseline", baseline, BASELINES)
+        self.advantage_normalization = advantage_normalization_mode(normalize_advantage)
+        if self.baseline in ("mean", "optimal") and self.advantage_normalization != "none":
+            warnings.warn(
+                f"baseline={self.baseline!r} with normalize_advantage={self.advantage_normalization!r} is the same "
+                "estimator as baseline='none': the normalization subtracts the (mini)batch mean of G - b, which "
+                "cancels any constant b. Pass normalize_advantage='none' for the constant baseline to matter.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self.advantage_normalization == "minibatch"
+
+    def _resolve_estimator_options(self) -> None:
+        """Make ``advantage_normalization`` and SB3's ``normalize_advantage`` agree, and re-validate.
+
+        ``load()`` overwrites the attributes with the saved ones (and its keyword arguments): a file saved by
+        stable-baselines3 has a bool ``normalize_advantage`` and no pgvar keys, so the bool decides.
+        """
+        check_unit_interval("gamma", self.gamma)
+        check_unit_interval("gae_lambda", self.gae_lambda)
+        self.baseline = check_choice("baseline", getattr(self, "baseline", "value"), BASELINES)
+        requested = self.normalize_advantage
+        mode = getattr(self, "advantage_normalization", "minibatch")
+        if isinstance(requested, str):
+            mode = advantage_normalization_mode(requested)
+        elif requested:
+            mode = "minibatch"
+        elif mode == "minibatch":
+            mode = "none"
+        self.advantage_normalization = mode
+        self.normalize_advantage = mode == "minibatch"
+
+    # -------------------------------------------------------------------------------------------- model
+    def _setup_model(self) -> None:
+        self._resolve_estimator_options()
+        requested_class, requested_kwargs = self.rollout_buffer_class, self.rollout_buffer_kwargs
+        estimator_class = self._estimator_buffer_class()
+        if estimator_class is not None:
+            self.rollout_buffer_class = estimator_class
+            self.rollout_buffer_kwargs = {
+                **requested_kwargs,
+                "baseline": self.baseline,
+                "normalize_batch": self.advantage_normalization == "batch",
+            }
+        try:
+            super()._setup_model()
+        finally:  # what is saved is what the user asked for (SB3's own None, so SB3 can load the file)
+            self.rollout_buffer_class, self.rollout_buffer_kwargs = requested_class, requested_kwargs
+        if self.baseline == "optimal":
+            assert isinstance(self.rollout_buffer, EstimatorBufferMixin)
+            self.rollout_buffer.score_sq_norms_fn = self._score_sq_norms
+            self._check_score_sq_norms_supported()
+
+    def _estimator_buffer_class(self) -> type[RolloutBuffer] | None:
+        """The estimator buffer to build, or ``None`` to keep a user's own buffer class unchanged."""
+        requested = self.rollout_buffer_class
+        if requested is None or requested in (RolloutBuffer, DictRolloutBuffer):
+            if isinstance(self.observation_space, spaces.Dict):
+                return EstimatorDictRolloutBuffer
+            return EstimatorRolloutBuffer
+        if issubclass(requested, EstimatorBufferMixin):
+            return requested
+        if self.baseline != "value" or self.advantage_normalization == "batch":
+            raise ValueError(
+                f"rollout_buffer_class={requested.__name__} computes its own advantages, so "
+                f"baseline={self.baseline!r} and normalize_advantage={self.advantage_normalization!r} cannot take "
+                "effect; pass a subclass of pgvar.algos.buffers.EstimatorRolloutBuffer (or "
+                "EstimatorDictRolloutBuffer), or rollout_buffer_class=None"
+            )
+        return None
+
+    # --------------------------------------------------------------------- variance-optimal baseline
+    def _score_sq_norms(self, observations: np.ndarray | dict[str, np.ndarray], actions: np.ndarray) -> th.Tensor:
+        """``||grad_theta log pi(a_t|s_t)||^2`` over the actor's parameters, for ``[T, N, ...]`` buffer arrays.
+
+        For SB3's ``ActorCriticPolicy`` (``get_distribution`` not overridden) the parameter-free observation
+        preprocessing (one-hot encoding of discrete observations, image scaling) runs once outside the
+        differentiated function, which then follows ``get_distribution`` step by step: features extractor, actor
+        MLP, distribution. ``torch.func`` cannot trace the one-hot encoding. Other policies go through their own
+        ``get_distribution``.
+
+        :return: ``[T, N]`` float64
+        """
+        policy = self.policy
+        steps, n_envs = actions.shape[:2]
+        n_samples = steps * n_envs
+
+        def flat(array: np.ndarray) -> th.Tensor:
+            return th.as_tensor(array.reshape(n_samples, *array.shape[2:]), device=self.device)
+
+        obs: th.Tensor | dict[str, th.Tensor] = (
+            {key: flat(value) for key, value in observations.items()}
+            if isinstance(observations, dict)
+            else flat(observations)
+        )
+        sb3_actor_path = type(policy).get_distribution is ActorCriticPolicy.get_distribution
+        if sb3_actor_path:
+            obs = preprocess_obs(obs, policy.observation_space, normalize_images=policy.normalize_images)
+        keys = sorted(obs) if isinstance(obs, dict) else []
+        obs_inputs = [obs[key] for key in keys] if isinstance(obs, dict) else [obs]
+        discrete = isinstance(self.action_space, spaces.Discrete)
+
+        def log_prob_sum(policy: Any, *batch: th.Tensor) -> th.Tensor:
+            *obs_batch, action_batch = batch
+            obs = dict(zip(keys, obs_batch)) if keys else obs_batch[0]
+            if discrete:
+                action_batch = action_batch.long().flatten()
+            if sb3_actor_path:
+                latent_pi = policy.mlp_extractor.forward_actor(policy.pi_features_extractor(obs))
+                distribution = policy._get_action_dist_from_latent(latent_pi)
+            else:
+                distribution = policy.get_distribution(obs)
+            return distribution.log_prob(action_batch).sum()
+
+        with th.enable_grad():
+            sq_norms = per_sample_grad_sq_norms(
+                policy, log_prob_sum, (*obs_inputs, flat(actions).float()), params=is_actor_parameter
+            )
+        return sq_norms.reshape(steps, n_envs)
+
+    def _check_score_sq_norms_supported(self) -> None:
+        """Raise ``ValueError`` at construction if ``baseline="optimal"`` cannot get per-sample score norms."""
+        buffer = self.rollout_buffer
+        rows = slice(0, min(2, buffer.buffer_size))
+        observations = (
+            {key: value[rows] for key, value in buffer.observations.items()}
+            if isinstance(buffer.observations, dict)
+            else buffer.observations[rows]
+        )
+        try:
+            sq_norms = self._score_sq_norms(observations, buffer.actions[rows])
+            if not bool(th.isfinite(sq_norms).all()):
+                raise ValueError(f"got non-finite squared norms {sq_norms.flatten().tolist()}")
+        except Exception as error:
+            raise ValueError(
+                f"baseline='optimal' needs per-sample gradients of log pi(a|s) through the policy "
+                f"{type(self.policy).__name__}, which failed on a test batch: {error}. Use baseline='mean' (the "
+                "batch mean return) or 'value', or a policy built from nn.Linear layers (SB3's MlpPolicy)."
+            ) from error
+
+    # ------------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        super().train()
+        constant_baseline = getattr(self.rollout_buffer, "constant_baseline", None)
+        if constant_baseline is not None:
+            self.logger.record("pgvar/constant_baseline", constant_baseline)
+
+    # --------------------------------------------------------------------------------------- save/load
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """Save the model like SB3 (same zip format, loadable by SB3), atomically.
+
+        The archive is written to a temporary file in the destination folder and moved over ``path`` with
+        ``os.replace``: a failure or a crash mid-save never leaves a broken file and never touches an existing
+        one. The new arguments (``baseline``, ``advantage_normalization``) are saved with the others.
+
+        :param path: path to the file (``.zip`` is appended when it has no suffix) or a file object
+        :param exclude: names of attributes not to save, in addition to the default ones
+        :param include: names of attributes to save even if they are excluded by default
+        """
+        parent_save = super().save
+        atomic_save(lambda file: parent_save(file, exclude=exclude, include=include), path)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(
+        cls: type[SelfMixin],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfMixin:
+        """Load a model saved by pgvar or by the stable-baselines3 class of the same algorithm.
+
+        A file from stable-baselines3 gets the default new arguments (``baseline="value"``, and the
+        normalization its ``normalize_advantage`` flag stands for). A file that is not such a zip archive
+        raises ``ValueError``. Arguments as in SB3's ``BaseAlgorithm.load``; ``kwargs`` may change ``baseline``
+        or ``normalize_advantage``.
+        """
+        check_model_archive(path)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )

@@ -1,0 +1,98 @@
+"""A2C with a choice of policy-gradient baseline and advantage normalization; SB3's A2C otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import stable_baselines3
+import torch as th
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
+
+from pgvar.algos._mixin import OnPolicyEstimatorMixin
+
+__all__ = ["A2C"]
+
+
+class A2C(OnPolicyEstimatorMixin, stable_baselines3.A2C):
+    """Advantage Actor-Critic, a drop-in replacement for :class:`stable_baselines3.A2C`.
+
+    Change ``from stable_baselines3 import A2C`` to ``from pgvar import A2C``: with the default arguments the
+    trained parameters are bit-for-bit those of SB3 (same seed, same environment). Two arguments choose the
+    policy-gradient estimator; returns and advantages come from :mod:`pgvar.estimators`.
+
+    Paper: Mnih et al. (2016), arXiv:1602.01783. Every other argument, its default and meaning are those of
+    :class:`stable_baselines3.A2C` (``learning_rate=7e-4, n_steps=5, gamma=0.99, gae_lambda=1.0``, RMSprop, ...).
+
+    :param normalize_advantage: ``"none"`` (or ``False``, the default), ``"minibatch"`` (or ``True``: SB3's
+        standardization in ``train()``; A2C's ``train()`` uses the whole rollout as one batch) or ``"batch"``
+        (standardized once over the rollout when it is collected; the same statistic as ``"minibatch"`` for
+        A2C, up to float rounding)
+    :param baseline: what is subtracted from the return in the policy gradient. ``"value"`` (default, SB3's):
+        GAE(gamma, gae_lambda) advantages with the learned ``V(s)`` (with A2C's ``gae_lambda=1``: the
+        bootstrapped n-step return minus ``V``). ``"none"``: the discounted return-to-go ``G_t`` (bootstrapped
+        from ``V`` at time-limit truncations and at the end of the rollout). ``"mean"``: ``G_t`` minus the batch
+        mean. ``"optimal"``: ``G_t`` minus the variance-optimal constant ``b* = E[||g||^2 G] / E[||g||^2]``
+        (Greensmith et al. 2004) with per-sample score norms over the actor's parameters. The value function is
+        trained on the TD(lambda) returns whatever the baseline.
+    :param gamma: discount factor in ``[0, 1]`` (``ValueError`` otherwise)
+    :param gae_lambda: GAE trace decay in ``[0, 1]`` (``ValueError`` otherwise)
+    """
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 7e-4,
+        n_steps: int = 5,
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        rms_prop_eps: float = 1e-5,
+        use_rms_prop: bool = True,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool | str = False,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        *,
+        baseline: str = "value",
+    ) -> None:
+        normalize_minibatches = self._init_estimator_options(
+            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage
+        )
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            rms_prop_eps=rms_prop_eps,
+            use_rms_prop=use_rms_prop,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            normalize_advantage=normalize_minibatches,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=_init_setup_model,
+        )

@@ -1,0 +1,147 @@
+"""Rollout buffers whose returns and advantages come from :mod:`pgvar.estimators`.
+
+Drop-in subclasses of SB3's ``RolloutBuffer`` and ``DictRolloutBuffer``: only
+:meth:`~EstimatorBufferMixin.compute_returns_and_advantage` changes. It converts SB3's storage convention to the
+estimators' one and calls them:
+
+* SB3 folds the time-limit bootstrap into the stored reward (``r_t += gamma * V(final obs)`` in
+  ``OnPolicyAlgorithm.collect_rollouts``) and marks the next row as an episode start. With that data,
+  ``next_values[t] = values[t + 1]`` (``last_values`` at ``T - 1``), ``terminated[t] = episode_starts[t + 1]``
+  (``dones`` at ``T - 1``) and no truncation flag reproduce SB3's GAE bit for bit, and the discounted
+  return-to-go is bootstrapped from ``V`` at truncations and at the end of the rollout.
+* The value targets are always the TD(lambda) returns ``R = A^GAE + V`` (SB3's ``returns``).
+* The policy-gradient signal stored in ``advantages`` is ``A^GAE`` (``baseline="value"``) or ``G - b`` with a
+  constant ``b`` (``"none"``: 0, ``"mean"``: the batch mean, ``"optimal"``: Greensmith et al.'s ``b*``).
+* ``normalize_batch=True`` standardizes the advantages once over the whole rollout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+
+from pgvar._validation import check_choice
+from pgvar.estimators import (
+    batch_mean_baseline,
+    discounted_returns,
+    gae_advantages,
+    normalize_advantages,
+    optimal_constant_baseline,
+)
+
+__all__ = ["BASELINES", "EstimatorBufferMixin", "EstimatorDictRolloutBuffer", "EstimatorRolloutBuffer"]
+
+#: The policy-gradient baselines: a learned state value with GAE (SB3's), or a constant subtracted from the
+#: discounted return-to-go (none, the batch mean, the variance-optimal constant).
+BASELINES = ("value", "none", "mean", "optimal")
+
+#: ``score_sq_norms_fn(observations, actions) -> [T, N]``: per-sample ``||grad_theta log pi(a_t|s_t)||^2`` for the
+#: buffer's ``[T, N, ...]`` observations (an array, or a dict of arrays) and actions.
+ScoreSqNormsFn = Callable[[Any, np.ndarray], th.Tensor]
+
+
+class EstimatorBufferMixin:
+    """Replaces SB3's ``compute_returns_and_advantage`` with calls to :mod:`pgvar.estimators`.
+
+    Mixed in before an SB3 rollout buffer class; the extra constructor arguments are keyword-only.
+
+    :param baseline: ``"value"`` (GAE advantages, SB3's), ``"none"``, ``"mean"`` or ``"optimal"``
+    :param normalize_batch: standardize the advantages over the whole rollout, once
+    :param score_sq_norms_fn: needed by ``baseline="optimal"``: per-sample squared score norms (see
+        :data:`ScoreSqNormsFn`); the algorithm sets it once its policy exists
+    """
+
+    # Set by SB3's buffers.
+    buffer_size: int
+    n_envs: int
+    gamma: float
+    gae_lambda: float
+    observations: Any
+    actions: np.ndarray
+    rewards: np.ndarray
+    values: np.ndarray
+    episode_starts: np.ndarray
+    advantages: np.ndarray
+    returns: np.ndarray
+
+    def __init__(
+        self,
+        *args: Any,
+        baseline: str = "value",
+        normalize_batch: bool = False,
+        score_sq_norms_fn: ScoreSqNormsFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.baseline = check_choice("baseline", baseline, BASELINES)
+        self.normalize_batch = bool(normalize_batch)
+        self.score_sq_norms_fn = score_sq_norms_fn
+        #: The constant baseline ``b`` of the last rollout (``None`` with ``baseline="value"``).
+        self.constant_baseline: float | None = None
+        super().__init__(*args, **kwargs)
+
+    def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
+        """Fill ``returns`` (TD(lambda) value targets) and ``advantages`` (the policy-gradient signal).
+
+        :param last_values: ``V(s_T)`` of the observation after the last step, one per env
+        :param dones: whether the last step ended an episode, one per env
+        """
+        self._check_rewards_finite()
+        rewards = th.from_numpy(self.rewards)
+        values = th.from_numpy(self.values)
+        last_values = last_values.detach().to(device="cpu", dtype=values.dtype).reshape(1, self.n_envs)
+        next_values = th.cat((values[1:], last_values))
+        # The successor of step t starts a new episode (terminated, or truncated with the bootstrap in r_t).
+        episode_ends = th.from_numpy(
+            np.concatenate((self.episode_starts[1:], np.asarray(dones, dtype=np.float32).reshape(1, self.n_envs)))
+        )
+        advantages = gae_advantages(
+            rewards, values, next_values, episode_ends, None, gamma=self.gamma, gae_lambda=self.gae_lambda
+        )
+        # td_lambda_returns(...) is defined as exactly this sum; adding here avoids running GAE twice.
+        returns = advantages + values
+        if self.baseline != "value":
+            pg_returns = discounted_returns(rewards, episode_ends, None, next_values, gamma=self.gamma)
+            baseline = self._constant_baseline(pg_returns)
+            advantages = pg_returns - baseline
+            self.constant_baseline = float(baseline)
+        if self.normalize_batch:
+            advantages = normalize_advantages(advantages, "batch")
+        self.advantages = advantages.numpy()
+        self.returns = returns.numpy()
+
+    def _constant_baseline(self, pg_returns: th.Tensor) -> th.Tensor:
+        if self.baseline == "none":
+            return th.zeros((), dtype=pg_returns.dtype)
+        if self.baseline == "mean":
+            return batch_mean_baseline(pg_returns)
+        if self.score_sq_norms_fn is None:
+            raise ValueError(
+                "baseline='optimal' needs score_sq_norms_fn (per-sample squared score norms); pgvar's algorithms "
+                "set it in _setup_model, a buffer used on its own must be given one"
+            )
+        score_sq_norms = self.score_sq_norms_fn(self.observations, self.actions)
+        return optimal_constant_baseline(pg_returns, score_sq_norms.to(pg_returns.dtype))
+
+    def _check_rewards_finite(self) -> None:
+        """Raise ``ValueError`` naming the env and the step of the first non-finite reward of the rollout."""
+        finite = np.isfinite(self.rewards)
+        if not finite.all():
+            step, env_index = (int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(
+                f"env {env_index} returned a non-finite reward ({self.rewards[step, env_index]}) at step {step} of "
+                f"the rollout (0-based; n_steps={self.buffer_size}, n_envs={self.n_envs}); rewards must be finite. The "
+                "stored reward includes SB3's time-limit bootstrap gamma * V(final observation), so a non-finite "
+                "value at a truncation shows up here too."
+            )
+
+
+class EstimatorRolloutBuffer(EstimatorBufferMixin, RolloutBuffer):
+    """SB3's ``RolloutBuffer`` with returns and advantages from :mod:`pgvar.estimators` (see the module doc)."""
+
+
+class EstimatorDictRolloutBuffer(EstimatorBufferMixin, DictRolloutBuffer):
+    """SB3's ``DictRolloutBuffer`` (dict observations) with returns and advantages from :mod:`pgvar.estimators`."""
