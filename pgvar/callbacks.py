@@ -1,0 +1,467 @@
+r"""SB3 callback that logs the variance of the policy-gradient estimate during training.
+
+:class:`GradientVarianceCallback` works on any SB3 on-policy algorithm (SB3's ``PPO`` and ``A2C``,
+sb3-contrib's ``TRPO``, pgvar's subclasses) and writes ``pgvar/...`` keys to the algorithm's logger, so they
+reach stdout, CSV and TensorBoard like SB3's own ``train/...`` keys. It measures two things:
+
+1. At ``on_rollout_end`` (the buffer is full, advantages are computed, the policy is not yet updated): the
+   per-sample policy-gradient terms :math:`G_i = -\tilde A_i \nabla_\theta \log\pi_\theta(a_i \mid s_i)` of the
+   coming update, with the algorithm's own advantage normalization (:math:`\tilde A`), and their covariance
+   trace, the variance at the algorithm's batch size, the SNR, and how well minibatch gradients agree with the
+   full-batch gradient (computed by :mod:`pgvar.measure`).
+2. During ``train()``: the norm of the total-loss gradient *before* ``clip_grad_norm_`` clips it, which SB3
+   computes and throws away. Parameter hooks (``register_post_accumulate_grad_hook``) read each gradient after
+   ``backward()`` and before clipping; an optimizer step pre-hook closes each step. The values are logged at
+   the next ``on_rollout_end``, since SB3 has no callback hook after ``train()``.
+
+See ``docs/guide/callback.md`` for the table of keys and how to read them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from torch import Tensor, nn
+
+from pgvar._validation import check_choice, check_positive
+from pgvar.estimators import normalize_advantages
+from pgvar.measure import (
+    GradientStatistics,
+    flatten,
+    gradient_statistics_from_norms,
+    gradient_statistics_streaming,
+    pairwise_cosine,
+)
+
+__all__ = ["GradientVarianceCallback", "actor_parameter_names"]
+
+METHODS = ("auto", "norms", "vmap")
+
+# The keys this callback writes (documented in docs/guide/callback.md).
+KEY_COV_TRACE = "pgvar/pg_grad_cov_trace"
+KEY_VAR_AT_BATCH = "pgvar/pg_grad_var_at_batch"
+KEY_SNR = "pgvar/pg_grad_snr"
+KEY_SNR_DEBIASED = "pgvar/pg_grad_snr_debiased"
+KEY_NORM = "pgvar/pg_grad_norm"
+KEY_COSINE_TO_BATCH = "pgvar/minibatch_cosine_to_batch"
+KEY_PAIRWISE_COSINE = "pgvar/minibatch_pairwise_cosine"
+KEY_N_SAMPLES = "pgvar/pg_grad_n_samples"
+KEY_BATCH_SIZE = "pgvar/pg_grad_batch_size"
+KEY_CLIP_NORM_MEAN = "pgvar/grad_norm_before_clip"
+KEY_CLIP_NORM_MAX = "pgvar/grad_norm_before_clip_max"
+KEY_CLIP_FRACTION = "pgvar/grad_clip_fraction"
+
+
+def actor_parameter_names(policy: nn.Module) -> list[str]:
+    """Return the names of the policy's actor parameters: those with ``requires_grad`` whose name has no "value".
+
+    This is sb3-contrib TRPO's rule (``_compute_actor_grad``): on SB3's built-in ``ActorCriticPolicy`` it keeps
+    ``log_std``, ``mlp_extractor.policy_net.*``, ``action_net.*`` and the shared features extractor, and drops
+    ``mlp_extractor.value_net.*`` and ``value_net.*``. A parameter kept by the rule that the action distribution
+    does not use (e.g. ``vf_features_extractor.*`` with ``share_features_extractor=False``) has a zero
+    gradient, so it changes no statistic, only the cost.
+
+    :param policy: an SB3 policy (any ``nn.Module``)
+    :return: parameter names, in ``named_parameters`` order
+    """
+    return [name for name, param in policy.named_parameters() if param.requires_grad and "value" not in name]
+
+
+class GradientVarianceCallback(BaseCallback):
+    r"""Log gradient statistics of each update's policy-gradient estimate to the SB3 logger (``pgvar/...`` keys).
+
+    Every ``every_n_updates`` updates (an update is one ``train()`` call, i.e. one rollout; PPO's epochs count
+    once), at ``on_rollout_end`` the callback draws the update's minibatches from the rollout buffer the way the
+    algorithm does (random, without replacement, of the algorithm's batch size :math:`B`), normalizes the
+    advantages as the algorithm does, keeps at most ``max_samples`` samples :math:`i = 1..N`, and measures the
+    per-sample policy-gradient terms
+
+    .. math::
+        G_i = -\tilde A_i\, \nabla_\theta \log \pi_\theta(a_i \mid s_i), \qquad
+        m = \frac1N \sum_i G_i, \qquad
+        \operatorname{tr}\widehat\Sigma = \frac{1}{N-1} \sum_i \|G_i - m\|^2,
+
+        \mathrm{Var}_B = \frac{\operatorname{tr}\widehat\Sigma}{B}, \qquad
+        \mathrm{SNR} = \frac{\|m\|^2}{\mathrm{Var}_B}, \qquad
+        \mathrm{SNR}_{\text{debiased}} = \frac{\|m\|^2 - \operatorname{tr}\widehat\Sigma / N}{\mathrm{Var}_B}
+
+    over the actor parameters (:func:`actor_parameter_names`), at the parameters the update starts from. At
+    ratio 1 this is the gradient of PPO's clipped surrogate and of A2C's and TRPO's policy loss; the entropy
+    bonus and the value loss are left out. :math:`\|m\|^2` carries the noise :math:`\operatorname{tr}\Sigma/N`
+    in expectation, hence the debiased SNR (which can be negative). The per-sample terms of one rollout are
+    correlated in time, so :math:`\mathrm{Var}_B` is the variance of a batch of :math:`B` *independent*
+    samples.
+
+    The algorithm's layout (batch size :math:`B` and normalization) is read from the model
+    (:meth:`actor_update_layout`): PPO-like (``n_epochs`` and ``batch_size``): :math:`B` = ``batch_size``,
+    normalized per minibatch; TRPO-like (``sub_sampling_factor``): one batch of
+    ``ceil(buffer / sub_sampling_factor)`` samples, normalized over it; anything else (A2C): the whole buffer.
+    ``model.normalize_advantage`` (SB3's bool) switches that normalization on or off; the strings
+    ``"minibatch"``, ``"batch"`` and ``"none"`` are understood too. Advantages that the rollout buffer has already
+    standardized (pgvar's ``normalize_advantage="batch"`` does it in ``compute_returns_and_advantage``, before
+    ``on_rollout_end``) are measured as stored.
+
+    Cosines: with several minibatches per update (PPO), the first ``n_minibatches`` of them; with one batch
+    (A2C, TRPO), ``n_minibatches`` disjoint equal parts of the :math:`N` samples. Each minibatch gradient
+    :math:`m_b` is compared with :math:`m` (``minibatch_cosine_to_batch``, the mean over :math:`b`; the
+    minibatch is part of the batch, which raises the cosine when there are few parts) and with the other
+    minibatch gradients (``minibatch_pairwise_cosine``, Ilyas et al. 2020, arXiv:1811.02553).
+
+    Gradient norm before clipping: for algorithms that clip (``model.max_grad_norm > 0``: PPO, A2C), the norm
+    :math:`\|\nabla_\theta L\|` of the **total** loss (policy, entropy and value terms, all policy parameters),
+    exactly what ``clip_grad_norm_`` computes, at every optimizer step of the measured update; the mean, the
+    max and the fraction of steps that were clipped are logged at the next ``on_rollout_end`` (or kept in the
+    logger at ``on_training_end``). TRPO's actor step does not clip (``max_grad_norm = 0``), so these keys are
+    not written for it; its actor step follows :math:`m` (``pg_grad_norm``).
+
+    Cost: one batched forward and backward over :math:`N` samples (``method="norms"``, the squared-norm trick
+    of :func:`pgvar.measure.gradient_statistics_from_norms`) or a streamed ``vmap`` (``method="vmap"``), plus
+    one backward per compared minibatch. The global RNGs are not touched: training with and without the
+    callback gives the same parameters.
+
+    :param every_n_updates: measure at the first update and then every ``every_n_updates`` updates
+    :param max_samples: at most this many samples per measurement (bounds the cost); ``N`` is rounded down to
+        whole minibatches of the algorithm
+    :param n_minibatches: how many minibatch gradients to compare with the full-batch gradient (``>= 1``; the
+        pairwise cosine needs ``>= 2``)
+    :param method: ``"auto"`` (the squared-norm trick, falling back to ``vmap`` when the policy has a layer the
+        trick cannot handle), ``"norms"`` or ``"vmap"``
+    :param seed: seed of the callback's own generator for drawing minibatches; ``None``: the model's seed
+    :param verbose: 0 silent, 1 warnings about skipped measurements, 2 also a line per measurement
+
+    .. code-block:: python
+
+        from stable_baselines3 import PPO
+        from pgvar.callbacks import GradientVarianceCallback
+
+        model = PPO("MlpPolicy", "CartPole-v1", tensorboard_log="runs")
+        model.learn(50_000, callback=GradientVarianceCallback(every_n_updates=5))
+    """
+
+    def __init__(
+        self,
+        every_n_updates: int = 1,
+        max_samples: int = 2048,
+        n_minibatches: int = 4,
+        method: str = "auto",
+        seed: int | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose=verbose)
+        self.every_n_updates = int(check_positive("every_n_updates", every_n_updates, integer=True))
+        self.max_samples = int(check_positive("max_samples", max_samples, integer=True))
+        if self.max_samples < 2:
+            raise ValueError(
+                f"max_samples must be an integer >= 2 (a covariance needs two samples), got {max_samples!r}"
+            )
+        self.n_minibatches = int(check_positive("n_minibatches", n_minibatches, integer=True))
+        self.method = check_choice("method", method, METHODS)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        ):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        self.seed = seed
+        #: Values written to the logger by the latest measurement (key -> float).
+        self.last_values: dict[str, float] = {}
+        self._n_rollouts = 0
+        self._rng: np.random.Generator | None = None
+        self._resolved_method: str | None = None if method == "auto" else method
+        self._handles: list[Any] = []
+        self._pending_norms: dict[int, Tensor] = {}
+        self._step_norms: list[Tensor] = []
+        self._capture_max_grad_norm = 0.0
+
+    # ------------------------------------------------------------------------------------------ SB3 hooks
+    def _init_callback(self) -> None:
+        seed = self.seed if self.seed is not None else getattr(self.model, "seed", None)
+        self._rng = np.random.default_rng(seed)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self._n_rollouts += 1
+        self._finish_grad_norm_capture()
+        if (self._n_rollouts - 1) % self.every_n_updates != 0:
+            return
+        values = self.measure_policy_gradient()
+        self._record(values)
+        max_grad_norm = getattr(self.model, "max_grad_norm", None)
+        if isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0:
+            self._start_grad_norm_capture(float(max_grad_norm))
+
+    def _on_training_end(self) -> None:
+        self._finish_grad_norm_capture()
+
+    # ------------------------------------------------------------------------------ layout and sampling
+    def actor_update_layout(self, model: Any) -> tuple[int, str]:
+        """Return ``(batch_size, normalization)`` of the model's actor update; override for a custom algorithm.
+
+        ``batch_size`` is the number of samples in one gradient estimate of the update; ``normalization`` is
+        ``"minibatch"`` (over each batch of ``batch_size``), ``"batch"`` (over the whole rollout) or ``"none"``.
+
+        :param model: the SB3 on-policy algorithm
+        :return: ``(batch_size, normalization)``
+        """
+        buffer = model.rollout_buffer
+        n_total = int(buffer.buffer_size * buffer.n_envs)
+        if getattr(model, "sub_sampling_factor", None) is not None and not hasattr(model, "n_epochs"):
+            batch_size = math.ceil(n_total / int(model.sub_sampling_factor))  # TRPO: rollout[::factor]
+        elif hasattr(model, "n_epochs") and getattr(model, "batch_size", None) is not None:
+            batch_size = min(int(model.batch_size), n_total)  # PPO
+        else:
+            batch_size = n_total  # A2C
+        normalize = getattr(model, "normalize_advantage", False)
+        if isinstance(normalize, str):
+            mode = check_choice("model.normalize_advantage", normalize, ("minibatch", "batch", "none"))
+        else:
+            mode = "minibatch" if normalize else "none"
+        return batch_size, mode
+
+    def _draw_minibatches(self, n_total: int, batch_size: int) -> tuple[np.ndarray, int]:
+        """Return ``(minibatches [K, batch_size] of flat buffer indices, N kept)``; ``N <= max_samples``.
+
+        Like SB3's ``RolloutBuffer.get``: a random permutation cut into minibatches. With ``batch_size >
+        max_samples`` one minibatch is drawn (its advantages are normalized over all of it) and its first
+        ``max_samples`` entries are kept.
+        """
+        assert self._rng is not None
+        permutation = self._rng.permutation(n_total)
+        if batch_size <= self.max_samples:
+            n_batches = max(1, min(self.max_samples // batch_size, n_total // batch_size))
+            n_kept = n_batches * batch_size
+            return permutation[:n_kept].reshape(n_batches, batch_size), n_kept
+        return permutation[:batch_size].reshape(1, batch_size), self.max_samples
+
+    # --------------------------------------------------------------------------------------- measurement
+    def measure_policy_gradient(self) -> dict[str, float]:
+        """Measure the statistics of the coming update's policy-gradient estimate on the current rollout buffer.
+
+        Called by ``on_rollout_end``; public so that it can be called on a filled buffer outside ``learn``.
+
+        :return: key -> value (the ``pgvar/pg_grad_*`` and ``pgvar/minibatch_*`` keys)
+        """
+        model: Any = self.model  # an OnPolicyAlgorithm (BaseAlgorithm has no rollout_buffer)
+        policy = model.policy
+        buffer = model.rollout_buffer
+        n_total = int(buffer.buffer_size * buffer.n_envs)
+        batch_size, mode = self.actor_update_layout(model)
+        minibatches, n_kept = self._draw_minibatches(n_total, batch_size)
+        if n_kept < 2:
+            if self.verbose >= 1:
+                warnings.warn(
+                    f"GradientVarianceCallback: skipped, only {n_kept} sample(s) in the rollout", stacklevel=2
+                )
+            return {}
+
+        device = policy.device
+        advantages = torch.as_tensor(_flat_buffer_array(buffer, "advantages"), device=device).reshape(n_total)
+        drawn = torch.as_tensor(minibatches.reshape(-1), device=device)
+        if mode == "batch":
+            normalized = normalize_advantages(advantages, "batch")[drawn]
+        else:
+            flat = advantages[drawn]
+            if mode == "minibatch":
+                rows = torch.arange(flat.numel(), device=device).reshape(minibatches.shape)
+                flat = normalize_advantages(flat, "minibatch", minibatch_indices=list(rows))
+            normalized = flat
+        kept = minibatches.reshape(-1)[:n_kept]
+        inputs = (normalized[:n_kept], *self._policy_inputs(buffer, kept, device))
+        names = actor_parameter_names(policy)
+        loss_fn = _make_policy_gradient_loss(_observation_keys(buffer))
+
+        with torch.enable_grad():
+            stats = self._statistics(policy, loss_fn, inputs, names)
+            minibatch_grads = self._minibatch_gradients(
+                policy, loss_fn, inputs, names, minibatches.shape, n_kept
+            )
+
+        trace, n = stats.covariance_trace, stats.n
+        mean_sq = stats.mean_norm**2
+        var_at_batch = trace / batch_size
+        values = {
+            KEY_COV_TRACE: trace,
+            KEY_VAR_AT_BATCH: var_at_batch,
+            KEY_SNR: _ratio(mean_sq, var_at_batch),
+            KEY_SNR_DEBIASED: _ratio(mean_sq - trace / n, var_at_batch),
+            KEY_NORM: stats.mean_norm,
+            KEY_N_SAMPLES: float(n),
+            KEY_BATCH_SIZE: float(batch_size),
+        }
+        if minibatch_grads is not None:
+            values[KEY_COSINE_TO_BATCH] = float(np.mean([stats.cosine_to(g) for g in minibatch_grads]))
+            if minibatch_grads.shape[0] >= 2:
+                values[KEY_PAIRWISE_COSINE] = float(pairwise_cosine(minibatch_grads))
+        if self.verbose >= 2:
+            print(
+                f"GradientVarianceCallback: update {self._n_rollouts}, N={n}, B={batch_size}, "
+                f"normalization={mode}, method={self._resolved_method}, tr={trace:.4g}, SNR={values[KEY_SNR]:.4g}"
+            )
+        return values
+
+    def _policy_inputs(self, buffer: Any, kept: np.ndarray, device: torch.device) -> tuple[Tensor, ...]:
+        """``(actions, *observation tensors)`` of the kept flat indices, as the algorithm's ``train()`` sees them."""
+        actions = torch.as_tensor(_flat_buffer_array(buffer, "actions", kept), device=device)
+        if isinstance(self.model.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        observations = buffer.observations
+        if isinstance(observations, dict):
+            parts = [_flat_buffer_array(buffer, "observations", kept, key=key) for key in observations]
+        else:
+            parts = [_flat_buffer_array(buffer, "observations", kept)]
+        return (actions, *(torch.as_tensor(part, device=device) for part in parts))
+
+    def _statistics(
+        self, policy: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], names: list[str]
+    ) -> GradientStatistics:
+        if self._resolved_method in (None, "norms"):
+            try:
+                stats = gradient_statistics_from_norms(policy, loss_fn, inputs, params=names)
+                self._resolved_method = "norms"
+                return stats
+            except ValueError as error:
+                if self._resolved_method == "norms":
+                    raise
+                self._resolved_method = "vmap"
+                if self.verbose >= 1:
+                    warnings.warn(
+                        f"GradientVarianceCallback: the squared-norm trick does not apply to this policy ({error}); "
+                        "using vmap per-sample gradients",
+                        stacklevel=2,
+                    )
+        return gradient_statistics_streaming(policy, loss_fn, inputs, params=names)
+
+    def _minibatch_gradients(
+        self,
+        policy: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        inputs: tuple[Tensor, ...],
+        names: list[str],
+        layout: tuple[int, ...],
+        n_kept: int,
+    ) -> Tensor | None:
+        """``[K, P]`` float64 mean gradients of K minibatches (flattened in sorted name order), or ``None``."""
+        n_batches, batch_size = layout
+        if n_batches >= 2:
+            k = min(self.n_minibatches, n_batches)
+            groups = [slice(b * batch_size, (b + 1) * batch_size) for b in range(k)]
+        else:
+            size = n_kept // self.n_minibatches
+            if size < 1:
+                return None
+            groups = [slice(b * size, (b + 1) * size) for b in range(self.n_minibatches)]
+        named = dict(policy.named_parameters())
+        params = [named[name] for name in names]
+        rows = []
+        for group in groups:
+            part = tuple(x[group] for x in inputs)
+            loss = loss_fn(policy, *part) / part[0].shape[0]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            rows.append(
+                flatten(
+                    {
+                        n: (g if g is not None else torch.zeros_like(p))
+                        for n, g, p in zip(names, grads, params)
+                    }
+                )
+            )
+        return torch.stack(rows).double()
+
+    # ----------------------------------------------------------------------------- gradient norm capture
+    def _start_grad_norm_capture(self, max_grad_norm: float) -> None:
+        self._remove_handles()
+        policy = self.model.policy
+        self._capture_max_grad_norm = max_grad_norm
+        self._pending_norms.clear()
+        self._step_norms.clear()
+        for param in policy.parameters():
+            if param.requires_grad:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._record_param_grad_norm))
+        self._handles.append(policy.optimizer.register_step_pre_hook(self._close_optimizer_step))
+
+    def _record_param_grad_norm(self, param: Tensor) -> None:
+        # Fires after backward() has accumulated param.grad, i.e. before clip_grad_norm_ rescales it. Keeping the
+        # latest norm per parameter (not a running sum) stays right if several backward calls accumulate.
+        if param.grad is not None:
+            self._pending_norms[id(param)] = torch.linalg.vector_norm(param.grad.detach())
+
+    def _close_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._pending_norms:
+            # clip_grad_norm_'s total norm: the 2-norm of the per-parameter 2-norms.
+            self._step_norms.append(torch.linalg.vector_norm(torch.stack(list(self._pending_norms.values()))))
+            self._pending_norms.clear()
+
+    def _finish_grad_norm_capture(self) -> None:
+        if not self._handles:
+            return
+        self._remove_handles()
+        if self._step_norms:
+            norms = torch.stack(self._step_norms).double()
+            self._record(
+                {
+                    KEY_CLIP_NORM_MEAN: float(norms.mean()),
+                    KEY_CLIP_NORM_MAX: float(norms.max()),
+                    KEY_CLIP_FRACTION: float((norms > self._capture_max_grad_norm).double().mean()),
+                }
+            )
+        self._pending_norms.clear()
+        self._step_norms.clear()
+
+    def _remove_handles(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            exclude = "tensorboard" if key in (KEY_N_SAMPLES, KEY_BATCH_SIZE) else None
+            self.logger.record(key, value, exclude=exclude)
+        self.last_values.update(values)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0:
+        return numerator / denominator
+    return math.inf if numerator > 0 else math.nan
+
+
+def _observation_keys(buffer: Any) -> list[str] | None:
+    return list(buffer.observations) if isinstance(buffer.observations, dict) else None
+
+
+def _flat_buffer_array(
+    buffer: Any, field: str, flat_indices: np.ndarray | None = None, *, key: str | None = None
+) -> np.ndarray:
+    """Entries of ``buffer.<field>`` (``[key]``) at flat indices in SB3's ``swap_and_flatten`` order (env-major).
+
+    Works before ``get()`` (arrays ``[n_steps, n_envs, ...]``) and after it (already flattened).
+    """
+    array = getattr(buffer, field)
+    if key is not None:
+        array = array[key]
+    n_steps, n_envs = int(buffer.buffer_size), int(buffer.n_envs)
+    if getattr(buffer, "generator_ready", False):  # already [n_steps * n_envs, ...]
+        return array if flat_indices is None else array[flat_indices]
+    if flat_indices is None:
+        flat_indices = np.arange(n_steps * n_envs)
+    return array[flat_indices % n_steps, flat_indices // n_steps]
+
+
+def _make_policy_gradient_loss(observation_keys: list[str] | None) -> Callable[..., Tensor]:
+    """``loss_fn(policy, adv, actions, *obs) = -sum_i adv_i log pi(a_i | s_i)`` (a sum, as pgvar.measure wants)."""
+
+    def loss_fn(module: Any, advantages: Tensor, actions: Tensor, *observations: Tensor) -> Tensor:
+        obs: Tensor | dict[str, Tensor]
+        obs = dict(zip(observation_keys, observations)) if observation_keys is not None else observations[0]
+        log_prob = module.get_distribution(obs).log_prob(actions)
+        return -(advantages * log_prob).sum()
+
+    return loss_fn
