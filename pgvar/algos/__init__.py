@@ -10,11 +10,27 @@ from pgvar.algos._mixin import OnPolicyEstimatorMixin
 from pgvar.algos.a2c import A2C
 from pgvar.algos.buffers import BASELINES, EstimatorDictRolloutBuffer, EstimatorRolloutBuffer
 from pgvar.algos.ppo import PPO
+from pgvar.algos.soft_q import (
+    EntropyPG,
+    KLRegularizedDictRolloutBuffer,
+    KLRegularizedRolloutBuffer,
+    MultiInputSoftQPolicy,
+    SoftQ,
+    SoftQCnnPolicy,
+    SoftQPolicy,
+)
 from pgvar.algos.trpo import TRPO
 
 __all__ = [
     "A2C",
     "BASELINES",
+    "EntropyPG",
+    "KLRegularizedDictRolloutBuffer",
+    "KLRegularizedRolloutBuffer",
+    "MultiInputSoftQPolicy",
+    "SoftQ",
+    "SoftQCnnPolicy",
+    "SoftQPolicy",
     "PPO",
     "TRPO",
     "EstimatorDictRolloutBuffer",

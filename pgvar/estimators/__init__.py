@@ -1,4 +1,4 @@
-"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization, control variates.
+"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization, control variates, soft-Q.
 
 Every function takes time-major ``[T, N]`` tensors where time matters, states its formula and reference in its
 docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
@@ -21,6 +21,16 @@ from pgvar.estimators.control_variates import (
 )
 from pgvar.estimators.normalization import NORMALIZATION_MODES, normalize_advantages
 from pgvar.estimators.returns import discounted_returns, gae_advantages, td_lambda_returns
+from pgvar.estimators.soft_q import (
+    EntropyRegularizedPGLoss,
+    boltzmann_log_probs,
+    entropy_regularized_pg_loss,
+    kl_regularized_n_step_advantages,
+    kl_to_reference,
+    soft_q_loss,
+    soft_q_targets,
+    soft_value,
+)
 
 __all__ = [
     "NORMALIZATION_MODES",
@@ -28,11 +38,16 @@ __all__ = [
     "QPROP_ETA_SCOPES",
     "QPROP_NORMALIZATION_MODES",
     "AllActionControlVariate",
+    "EntropyRegularizedPGLoss",
     "QPropNormalized",
     "all_action_control_variate",
     "batch_mean_baseline",
+    "boltzmann_log_probs",
     "discounted_returns",
+    "entropy_regularized_pg_loss",
     "gae_advantages",
+    "kl_regularized_n_step_advantages",
+    "kl_to_reference",
     "normalize_advantages",
     "optimal_constant_baseline",
     "qprop_action_variance",
@@ -41,5 +56,8 @@ __all__ = [
     "qprop_eta",
     "qprop_learning_signal",
     "qprop_normalize",
+    "soft_q_loss",
+    "soft_q_targets",
+    "soft_value",
     "td_lambda_returns",
 ]
