@@ -26,8 +26,14 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pgvar.algos import A2C, PPO, TRPO, EntropyPG, QPropPPO, QPropTRPO, SoftQ
-    from pgvar.callbacks import GradientVarianceCallback
+    from pgvar.algos import A2C as A2C
+    from pgvar.algos import PPO as PPO
+    from pgvar.algos import TRPO as TRPO
+    from pgvar.algos import EntropyPG as EntropyPG
+    from pgvar.algos import QPropPPO as QPropPPO
+    from pgvar.algos import QPropTRPO as QPropTRPO
+    from pgvar.algos import SoftQ as SoftQ
+    from pgvar.callbacks import GradientVarianceCallback as GradientVarianceCallback
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgvar.compare import (
-    ENV_BASELINES,
-    ENV_NORMALIZATIONS,
     PROBLEMS,
     STATE_BASELINE_ESTIMATORS,
     ComparisonResult,
