@@ -10,6 +10,7 @@ from pgvar.algos._mixin import OnPolicyEstimatorMixin
 from pgvar.algos.a2c import A2C
 from pgvar.algos.buffers import BASELINES, EstimatorDictRolloutBuffer, EstimatorRolloutBuffer
 from pgvar.algos.ppo import PPO
+from pgvar.algos.qprop import QPropPPO, QPropTRPO
 from pgvar.algos.soft_q import (
     EntropyPG,
     KLRegularizedDictRolloutBuffer,
@@ -32,6 +33,8 @@ __all__ = [
     "SoftQCnnPolicy",
     "SoftQPolicy",
     "PPO",
+    "QPropPPO",
+    "QPropTRPO",
     "TRPO",
     "EstimatorDictRolloutBuffer",
     "EstimatorRolloutBuffer",
