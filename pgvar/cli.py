@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgvar.compare import (
+    ESTIMATORS,
     PROBLEMS,
-    STATE_BASELINE_ESTIMATORS,
     ComparisonResult,
     EnvComparisonResult,
     compare_on_env,
@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--estimators",
         nargs="+",
-        choices=list(STATE_BASELINE_ESTIMATORS),
-        default=list(STATE_BASELINE_ESTIMATORS),
+        choices=list(ESTIMATORS),
+        default=list(ESTIMATORS),
         metavar="NAME",
-        help=f"estimators to compare (default: all of {', '.join(STATE_BASELINE_ESTIMATORS)})",
+        help=f"estimators to compare (default: all of {', '.join(ESTIMATORS)})",
     )
     compare.add_argument("--batch-size", type=_positive_int, default=32, help="episodes per batch (default: 32)")
     compare.add_argument(

@@ -25,11 +25,15 @@ import torch
 
 from pgvar._validation import check_choice, check_positive, check_unit_interval
 from pgvar.estimators import (
+    all_action_control_variate,
     batch_mean_baseline,
     discounted_returns,
     gae_advantages,
     normalize_advantages,
     optimal_constant_baseline,
+    qprop_control_variate,
+    qprop_eta,
+    qprop_learning_signal,
 )
 from pgvar.measure import estimate_statistics, flatten, flatten_per_sample, per_sample_gradients
 from pgvar.problems import ExactGradientProblem, GaussianBandit, LinearQuadraticRegulator, TabularMDP
@@ -39,7 +43,7 @@ __all__ = [
     "ENV_BASELINES",
     "ENV_NORMALIZATIONS",
     "PROBLEMS",
-    "STATE_BASELINE_ESTIMATORS",
+    "ESTIMATORS",
     "ComparisonResult",
     "EstimatorSummary",
     "EnvComparisonResult",
@@ -58,13 +62,15 @@ PROBLEMS: dict[str, Callable[[], ExactGradientProblem]] = {
     "lqr": lambda: LinearQuadraticRegulator(seed=0),
 }
 
-#: The state-baseline estimators, in table order, with what each one uses as the learning signal.
-STATE_BASELINE_ESTIMATORS: dict[str, str] = {
+#: The estimators ``compare_on_problem`` knows, in table order, with what each one uses as the learning signal.
+ESTIMATORS: dict[str, str] = {
     "none": "G_t (REINFORCE, no baseline)",
     "batch_mean": "G_t - mean of the batch's returns",
     "optimal_constant": "G_t - b*, b* = E[|g|^2 G] / E[|g|^2] on the batch (Greensmith et al. 2004)",
     "exact_value": "G_t - V^pi(s_t), the exact state value",
     "gae_fitted_value": "GAE(lambda) with V fitted by least squares on an independent batch",
+    "qprop_fitted_critic": "Q-Prop: G_t - V(s) minus a critic control variate, plus its analytic term (Box: Taylor "
+    "CV, conservative eta per batch; Discrete: all-action CV); V and Q_w fitted on an independent batch",
 }
 
 
@@ -78,7 +84,7 @@ def make_problem(name: str) -> ExactGradientProblem:
 class EstimatorSummary:
     """What one estimator did over ``n_batches`` shared batches (all numbers are plain floats).
 
-    :param name: estimator name (a key of :data:`STATE_BASELINE_ESTIMATORS`)
+    :param name: estimator name (a key of :data:`ESTIMATORS`)
     :param description: its learning signal in words
     :param bias_norm: :math:`\\lVert \\bar g - \\nabla J \\rVert` of the mean over batches
     :param bias_max_abs_z: largest per-coordinate :math:`|\\bar g_k - \\nabla J_k| / \\mathrm{SE}_k`
@@ -201,6 +207,111 @@ class _FittedValue:
         return _value_features(observations, timesteps, self.n_states, self.horizon) @ self.weights
 
 
+@dataclass
+class _FittedCritic:
+    """A linear critic ``Q_w(s, a) = psi(s, a, t) . w`` fitted by ridge regression on Monte Carlo returns: tabular
+    in ``(s, a)`` for discrete problems, quadratic in ``(s, a)`` for continuous ones (exact for a linear-Gaussian
+    policy on a quadratic reward), times a one-hot of the time step on finite-horizon problems."""
+
+    weights: torch.Tensor
+    n_states: int | None
+    n_actions: int | None
+    horizon: int | None
+
+    @classmethod
+    def fit(cls, problem: ExactGradientProblem, batch: EpisodeBatch, gamma: float, ridge: float = 1e-6):
+        critic = cls(torch.empty(0), getattr(problem.observation_space, "n", None),
+                     getattr(problem.action_space, "n", None), getattr(problem, "horizon", None))
+        returns = discounted_returns(batch.rewards, batch.terminated, batch.truncated, gamma=gamma)
+        psi = critic.features(batch.observations, batch.actions, batch.timesteps)[batch.mask]
+        gram = psi.T @ psi + ridge * len(psi) * torch.eye(psi.shape[1], dtype=psi.dtype)
+        critic.weights = torch.linalg.solve(gram, psi.T @ returns[batch.mask])
+        return critic
+
+    def features(self, observations: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.n_actions is not None:
+            assert self.n_states is not None
+            pairs = observations.long() * self.n_actions + actions.long()
+            return _value_features(pairs, timesteps, self.n_states * self.n_actions, self.horizon)
+        lead = observations.shape[:2]
+        joint = torch.cat([observations.reshape(*lead, -1), actions.reshape(*lead, -1)], dim=-1)
+        return _value_features(joint, timesteps, None, self.horizon)
+
+    def __call__(self, observations: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.features(observations, actions, timesteps) @ self.weights
+
+    def all_actions(self, observations: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``Q_w(s, a)`` for every discrete action: ``[T, N, A]``."""
+        assert self.n_actions is not None
+        return torch.stack(
+            [self(observations, torch.full_like(observations, a), timesteps) for a in range(self.n_actions)], -1
+        )
+
+
+def _qprop_estimate(
+    problem: ExactGradientProblem,
+    params: Params,
+    batch: EpisodeBatch,
+    scores: torch.Tensor,
+    returns: torch.Tensor,
+    fitted_value: _FittedValue,
+    critic: _FittedCritic,
+    gamma: float,
+) -> torch.Tensor:
+    r"""One batch's Q-Prop estimate ``[P]``: the residual score-function term plus the analytic term.
+
+    Continuous actions (Gu et al. 2017, Eq. 9): :math:`\bar A = \nabla_a Q_w(s, \mu)(a - \mu)`, conservative
+    eta from the batch covariance (unbiased up to O(1/N)), analytic term
+    :math:`\eta\, \nabla_\theta \mu_\theta(s)^\top \nabla_a Q_w(s, \mu)`. Discrete actions: the exact
+    all-action control variate, analytic term :math:`\nabla_\theta \sum_a \pi_\theta(a|s) Q_w(s, a)`. Each
+    step carries the policy-gradient theorem's :math:`\gamma^t`.
+    """
+    mask = batch.mask
+    discount = gamma ** batch.timesteps.to(returns.dtype)
+    adv_hat = returns - fitted_value(batch.observations, batch.timesteps)
+    observations = batch.observations[mask]
+    if critic.n_actions is not None:
+        n_actions = critic.n_actions
+        all_actions = torch.arange(n_actions)
+        q_all = critic.all_actions(batch.observations, batch.timesteps)
+        log_probs = problem.log_prob(
+            params, batch.observations.unsqueeze(-1).expand(*mask.shape, n_actions), all_actions.expand(*mask.shape, n_actions)
+        ).detach()
+        signal = all_action_control_variate(q_all, log_probs.exp(), batch.actions, adv_hat, mask=mask).learning_signal
+        weights = (discount.unsqueeze(-1) * q_all)[mask]
+        analytic = per_sample_gradients(
+            lambda p, obs, w: (problem.log_prob(p, obs.expand(n_actions), all_actions).exp() * w).sum(),
+            params,
+            (observations, weights),
+        )
+    else:
+        mean_action = problem.mean_action  # type: ignore[attr-defined]
+        mu = mean_action(params, batch.observations).detach()
+        at_mean = mu.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad_q,) = torch.autograd.grad(critic(batch.observations, at_mean, batch.timesteps).sum(), at_mean)
+        adv_bar = qprop_control_variate(grad_q, batch.actions.to(mu.dtype), mu)
+        eta = qprop_eta(adv_hat, adv_bar, rule="conservative", scope="batch", mask=mask)
+        signal = qprop_learning_signal(adv_hat, adv_bar, eta)
+        weights = ((discount * eta).unsqueeze(-1) * grad_q)[mask]
+        analytic = per_sample_gradients(
+            lambda p, obs, w: (mean_action(p, obs.unsqueeze(0)) * w).sum(), params, (observations, weights)
+        )
+    residual = torch.einsum("tn,tnp->p", signal * discount * mask, scores)
+    return (residual + flatten_per_sample(analytic).sum(0)) / batch.n_episodes
+
+
+def _problem_returns(problem: ExactGradientProblem, params: Params, batch: EpisodeBatch, gamma: float) -> torch.Tensor:
+    """Discounted returns-to-go, bootstrapped only where an episode was cut by the time limit, from the exact
+    value of its final state (so that no estimator inherits a truncation bias)."""
+    next_values = torch.where(
+        batch.truncated,
+        problem.exact_state_values(params, batch.next_observations, batch.timesteps + 1),
+        torch.zeros_like(batch.rewards),
+    )
+    return discounted_returns(batch.rewards, batch.terminated, batch.truncated, next_values, gamma=gamma)
+
+
 def _learning_signals(
     names: Sequence[str],
     problem: ExactGradientProblem,
@@ -213,13 +324,7 @@ def _learning_signals(
 ) -> dict[str, torch.Tensor]:
     """The ``[T, N]`` learning signal of every estimator on one batch (before the ``gamma ** t`` weight)."""
     mask = batch.mask
-    # Bootstrap only where an episode was cut by the time limit, from the exact value of its final state.
-    next_values = torch.where(
-        batch.truncated,
-        problem.exact_state_values(params, batch.next_observations, batch.timesteps + 1),
-        torch.zeros_like(batch.rewards),
-    )
-    returns = discounted_returns(batch.rewards, batch.terminated, batch.truncated, next_values, gamma=gamma)
+    returns = _problem_returns(problem, params, batch, gamma)
     discount = gamma ** batch.timesteps.to(returns.dtype)
     signals: dict[str, torch.Tensor] = {}
     for name in names:
@@ -248,7 +353,7 @@ def _learning_signals(
 def compare_on_problem(
     problem: ExactGradientProblem | str = "tabular",
     *,
-    estimators: Sequence[str] = tuple(STATE_BASELINE_ESTIMATORS),
+    estimators: Sequence[str] = tuple(ESTIMATORS),
     batch_size: int = 32,
     n_batches: int = 200,
     seed: int = 0,
@@ -258,7 +363,7 @@ def compare_on_problem(
     """Compare estimators of :math:`\\nabla J` on shared batches of a problem whose exact gradient is known.
 
     :param problem: an :class:`~pgvar.problems.base.ExactGradientProblem` or a built-in name (:data:`PROBLEMS`)
-    :param estimators: names from :data:`STATE_BASELINE_ESTIMATORS`
+    :param estimators: names from :data:`ESTIMATORS`
     :param batch_size: episodes per batch (one gradient estimate per batch)
     :param n_batches: independent batches (>= 2: the variance is measured across them)
     :param seed: seeds the policy parameters and the sampling
@@ -277,7 +382,7 @@ def compare_on_problem(
     if not estimators:
         raise ValueError("estimators must name at least one estimator, got an empty list")
     for name in estimators:
-        check_choice("estimators", name, STATE_BASELINE_ESTIMATORS)
+        check_choice("estimators", name, ESTIMATORS)
     batch_size = int(check_positive("batch_size", batch_size, integer=True))
     n_batches = int(check_positive("n_batches", n_batches, integer=True))
     if n_batches < 2:
@@ -288,18 +393,32 @@ def compare_on_problem(
     generator = torch.Generator().manual_seed(seed)
     params = problem.initial_parameters(seed)
     exact = flatten(problem.exact_policy_gradient(params))
-    fitted_value = None
-    if "gae_fitted_value" in estimators:  # fitted on its own batch, so it is independent of the ones it scores
+    fitted_value = critic = None
+    if {"gae_fitted_value", "qprop_fitted_critic"} & set(estimators):
+        # Fitted on their own batch, so that they are independent of the batches they score.
         fit_batch = problem.sample_episodes(params, max(4 * batch_size, 256), generator)
         fitted_value = _FittedValue.fit(problem, fit_batch, gamma)
+        if "qprop_fitted_critic" in estimators:
+            if getattr(problem.action_space, "n", None) is None and not hasattr(problem, "mean_action"):
+                raise ValueError(
+                    f"estimators: 'qprop_fitted_critic' needs mean_action(params, observations) on a continuous "
+                    f"problem, which {type(problem).__name__} does not have"
+                )
+            critic = _FittedCritic.fit(problem, fit_batch, gamma)
 
     estimates = {name: torch.empty(n_batches, exact.numel(), dtype=exact.dtype) for name in estimators}
     for k in range(n_batches):
         batch = problem.sample_episodes(params, batch_size, generator)
         scores = _score_vectors(problem, params, batch)
-        signals = _learning_signals(estimators, problem, params, batch, scores, fitted_value, gamma, gae_lambda)
+        signal_names = [name for name in estimators if name != "qprop_fitted_critic"]
+        signals = _learning_signals(signal_names, problem, params, batch, scores, fitted_value, gamma, gae_lambda)
         for name, signal in signals.items():
             estimates[name][k] = torch.einsum("tn,tnp->p", signal, scores) / batch_size
+        if critic is not None:
+            assert fitted_value is not None
+            estimates["qprop_fitted_critic"][k] = _qprop_estimate(
+                problem, params, batch, scores, _problem_returns(problem, params, batch, gamma), fitted_value, critic, gamma
+            )
         if progress is not None:
             progress(k + 1)
 
@@ -311,7 +430,7 @@ def compare_on_problem(
         rows.append(
             EstimatorSummary(
                 name=name,
-                description=STATE_BASELINE_ESTIMATORS[name],
+                description=ESTIMATORS[name],
                 bias_norm=float(stats.bias_norm),
                 bias_max_abs_z=float(stats.max_abs_z),
                 variance=float(stats.variance_trace),

@@ -10,7 +10,7 @@ import torch
 
 from pgvar import cli
 from pgvar.compare import (
-    STATE_BASELINE_ESTIMATORS,
+    ESTIMATORS,
     _learning_signals,
     _score_vectors,
     compare_on_problem,
@@ -84,7 +84,7 @@ def test_compare_is_reproducible_and_serializable(tmp_path):
     a = compare_on_problem("tabular", batch_size=8, n_batches=10, seed=5)
     b = compare_on_problem("tabular", batch_size=8, n_batches=10, seed=5)
     assert a.estimators == b.estimators
-    assert [row.name for row in a.estimators] == list(STATE_BASELINE_ESTIMATORS)
+    assert [row.name for row in a.estimators] == list(ESTIMATORS)
     assert json.loads(json.dumps(a.to_dict()))["estimators"][0]["name"] == "none"
     with pytest.raises(KeyError, match="no estimator 'nope'"):
         a.summary("nope")
@@ -113,7 +113,7 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "optimal_constant" in out and "exact_value" in out
     data = json.loads((tmp_path / "compare_bandit_seed0.json").read_text())
-    assert data["n_batches"] == 12 and len(data["estimators"]) == len(STATE_BASELINE_ESTIMATORS)
+    assert data["n_batches"] == 12 and len(data["estimators"]) == len(ESTIMATORS)
     assert data["versions"]["torch"] == torch.__version__
     png = (tmp_path / "compare_bandit_seed0.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -199,3 +199,73 @@ def test_cli_env_mode_with_a_saved_model(tmp_path, capsys):
     data = json.loads((tmp_path / "compare_CartPole-v1_seed0.json").read_text())
     assert data["trained_steps"] == 0 and len(data["estimators"]) == 12
     assert (tmp_path / "compare_CartPole-v1_seed0.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------------------- Q-Prop
+@pytest.mark.parametrize("name", ["bandit", "lqr", "tabular"])
+def test_qprop_estimate_equals_autograd_of_its_surrogate(name):
+    """The engine's Q-Prop estimate (per-sample scores x signal + per-sample analytic terms) equals one autograd
+    pass over the batch surrogate sum_t gamma^t [signal_t log pi(a_t|s_t) + analytic surrogate_t] / N."""
+    from pgvar.compare import _FittedCritic, _FittedValue, _problem_returns, _qprop_estimate
+
+    problem = make_problem(name)
+    params = problem.initial_parameters(0)
+    generator = torch.Generator().manual_seed(4)
+    fit = problem.sample_episodes(params, 256, generator)
+    value, critic = _FittedValue.fit(problem, fit, problem.gamma), _FittedCritic.fit(problem, fit, problem.gamma)
+    batch = problem.sample_episodes(params, 6, generator)
+    scores = _score_vectors(problem, params, batch)
+    returns = _problem_returns(problem, params, batch, problem.gamma)
+    estimate = _qprop_estimate(problem, params, batch, scores, returns, value, critic, problem.gamma)
+
+    mask, gamma = batch.mask, problem.gamma
+    discount = gamma ** batch.timesteps.double()
+    adv_hat = returns - value(batch.observations, batch.timesteps)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    logp = problem.log_prob(leaves, batch.observations, batch.actions)
+    if name == "tabular":
+        n_actions = problem.action_space.n
+        q_all = critic.all_actions(batch.observations, batch.timesteps)
+        all_logp = problem.log_prob(
+            leaves, batch.observations.unsqueeze(-1).expand(*mask.shape, n_actions),
+            torch.arange(n_actions).expand(*mask.shape, n_actions),
+        )
+        probs = all_logp.exp()
+        q_taken = q_all.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
+        signal = adv_hat - (q_taken - (probs.detach() * q_all).sum(-1))
+        analytic = (probs * q_all).sum(-1)
+    else:
+        mu = problem.mean_action(leaves, batch.observations)
+        at_mean = mu.detach().clone().requires_grad_(True)
+        (grad_q,) = torch.autograd.grad(critic(batch.observations, at_mean, batch.timesteps).sum(), at_mean)
+        adv_bar = (grad_q * (batch.actions - mu.detach())).sum(-1)
+        eta = float((adv_hat * adv_bar)[mask].sum() > 0)  # conservative, batch scope
+        signal = adv_hat - eta * adv_bar
+        analytic = eta * (grad_q * mu).sum(-1)
+    surrogate = ((signal.detach() * logp + analytic) * discount * mask).sum() / batch.n_episodes
+    grads = torch.autograd.grad(surrogate, list(leaves.values()))
+    expected = torch.cat([g.reshape(-1) for _, g in sorted(zip(leaves, grads))])
+    torch.testing.assert_close(estimate, expected)
+
+
+@pytest.mark.parametrize("name", ["bandit", "lqr", "tabular"])
+def test_qprop_with_a_fitted_critic_is_unbiased(name):
+    result = compare_on_problem(name, estimators=["none", "qprop_fitted_critic"], batch_size=16, n_batches=150, seed=2)
+    bound = 4.0 + math.sqrt(2 * math.log(result.n_parameters))
+    assert result.summary("qprop_fitted_critic").bias_max_abs_z < bound
+    # A critic from the right function class removes variance that no state baseline can (one-step bandit).
+    if name == "bandit":
+        assert result.summary("qprop_fitted_critic").variance_ratio < 0.5
+
+
+def test_qprop_needs_a_mean_action_on_continuous_problems():
+    problem = make_problem("bandit")
+
+    class NoMean:  # the protocol without the optional mean_action
+        def __getattr__(self, item):
+            if item == "mean_action":
+                raise AttributeError(item)
+            return getattr(problem, item)
+
+    with pytest.raises(ValueError, match="'qprop_fitted_critic' needs mean_action"):
+        compare_on_problem(NoMean(), estimators=["qprop_fitted_critic"], n_batches=2)

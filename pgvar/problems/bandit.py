@@ -130,10 +130,19 @@ class GaussianBandit(gym.Env):
         :param actions: ``[..., d_a]``
         :return: ``[...]``, differentiable in ``params`` (works under :func:`torch.func.vmap`)
         """
-        weight, bias, log_std = self._params(params)
-        means = observations.to(_DTYPE) @ weight.T + bias
-        z = (actions.to(_DTYPE) - means) * torch.exp(-log_std)
+        log_std = self._params(params)[2]
+        z = (actions.to(_DTYPE) - self.mean_action(params, observations)) * torch.exp(-log_std)
         return (-0.5 * z.square() - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+    def mean_action(self, params: Params, observations: torch.Tensor) -> torch.Tensor:
+        r"""The policy mean :math:`\mu_\theta(s) = W s + b`, differentiable in ``params`` (Q-Prop's Taylor point).
+
+        :param params: policy parameters
+        :param observations: ``[..., d_s]``
+        :return: ``[..., d_a]``
+        """
+        weight, bias, _ = self._params(params)
+        return observations.to(_DTYPE) @ weight.T + bias
 
     def sample_actions(
         self, params: Params, observations: torch.Tensor, generator: torch.Generator | None = None

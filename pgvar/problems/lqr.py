@@ -167,9 +167,18 @@ class LinearQuadraticRegulator(gym.Env):
         :param actions: ``[..., d_u]``
         :return: ``[...]``, differentiable in ``params`` (works under :func:`torch.func.vmap`)
         """
-        gain, log_std = self._params(params)
-        z = (actions.to(_DTYPE) - self._states(observations) @ gain.T) * torch.exp(-log_std)
+        log_std = self._params(params)[1]
+        z = (actions.to(_DTYPE) - self.mean_action(params, observations)) * torch.exp(-log_std)
         return (-0.5 * z.square() - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+    def mean_action(self, params: Params, observations: torch.Tensor) -> torch.Tensor:
+        r"""The policy mean :math:`\mu_\theta(x) = K x`, differentiable in ``params`` (Q-Prop's Taylor point).
+
+        :param params: ``{"gain", "log_std"}``
+        :param observations: ``[..., obs_dim]`` (the time feature, if any, is ignored)
+        :return: ``[..., d_u]``
+        """
+        return self._states(observations) @ self._params(params)[0].T
 
     def sample_actions(
         self, params: Params, observations: torch.Tensor, generator: torch.Generator | None = None
