@@ -38,6 +38,7 @@ import copy
 import io
 import math
 import pathlib
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -717,8 +718,10 @@ class QPropMixin(_Base):
         if constant_baseline is not None:
             self.logger.record("pgvar/constant_baseline", constant_baseline)
 
+    @abstractmethod
     def _train_policy(self) -> None:
-        raise NotImplementedError
+        """The algorithm's own policy step with the Q-Prop terms (QPropPPO: clipped epochs; QPropTRPO: the
+        natural-gradient step), implemented by each class."""
 
     # --------------------------------------------------------------------------------------- save/load
     def _excluded_save_params(self) -> list[str]:

@@ -21,6 +21,7 @@ expectation over the sampled actions, and exactly when the actions are enumerate
 from __future__ import annotations
 
 import weakref
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
@@ -503,10 +504,11 @@ class _KLRegularizedOnPolicyAlgorithm(OnPolicyAlgorithm):
         """
         return self._loss(self.soft_outputs(observations), actions, advantages)
 
+    @abstractmethod
     def _loss(
         self, outputs: SoftPolicyOutputs, actions: th.Tensor | None, advantages: th.Tensor
     ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
-        raise NotImplementedError
+        """The learner's loss (EntropyPG: the entropy-regularized PG loss; SoftQ: the soft Q regression)."""
 
     def _rollout_observations(self, with_last: bool) -> PyTorchObs:
         """The rollout's ``T * N`` observations (time-major, flattened), then the ``N`` last ones if ``with_last``."""
