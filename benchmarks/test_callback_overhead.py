@@ -19,19 +19,16 @@ benchmarks are disabled (the default ``--benchmark-disable`` in ``pyproject.toml
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from typing import Any
 
-import gymnasium
 import pytest
-import stable_baselines3
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 from pgvar.callbacks import GradientVarianceCallback
+from pgvar.compare import library_versions
 
 SEED = 0
 TARGET_RATIO = 1.5
@@ -46,20 +43,6 @@ SMOKE = {
 }
 
 
-def _versions() -> dict[str, str]:
-    try:
-        import mujoco
-
-        mujoco_version = mujoco.__version__
-    except ImportError:  # pragma: no cover - MuJoCo is a dependency, but CartPole runs without it
-        mujoco_version = "absent"
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "gymnasium": gymnasium.__version__,
-        "mujoco": mujoco_version,
-    }
 
 
 class _TimedCallback(GradientVarianceCallback):
@@ -122,20 +105,15 @@ def measure_overhead(env_id: str, config: dict[str, Any]) -> dict[str, Any]:
         "model_kwargs": repr(config["model"]),
         "torch_threads": torch.get_num_threads(),
         "seed": SEED,
-        **_versions(),
+        **library_versions(),
     }
 
 
-def _smoke_mode(benchmark: Any) -> bool:
-    # pytest-benchmark's fixture knows whether --benchmark-disable (pyproject's default) is in force,
-    # --benchmark-enable overriding it.
-    return os.environ.get("PGVAR_BENCH_SMOKE") == "1" or bool(getattr(benchmark, "disabled", False))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_id", ENV_IDS)
-def test_callback_overhead_on_sb3_ppo(benchmark, env_id):
-    smoke = _smoke_mode(benchmark)
+def test_callback_overhead_on_sb3_ppo(benchmark, env_id, smoke):
     config = SMOKE if smoke else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -150,7 +128,7 @@ def test_callback_overhead_on_sb3_ppo(benchmark, env_id):
         f"with GradientVarianceCallback {result['cpu_seconds_with']:.3f} s, ratio {result['ratio']:.3f}; "
         f"wall {result['wall_seconds_without']:.3f} s / {result['wall_seconds_with']:.3f} s, "
         f"ratio {result['wall_ratio']:.3f}; measurement {1e3 * result['rollout_end_cpu_s_per_update']:.1f} ms "
-        f"CPU per update (min of {result['repeats']}, smoke={smoke}, seed {SEED}, {_versions()})"
+        f"CPU per update (min of {result['repeats']}, smoke={smoke}, seed {SEED}, {library_versions()})"
     )
     assert result["cpu_seconds_without"] > 0 and result["cpu_seconds_with"] > 0
     if not smoke:
@@ -162,7 +140,7 @@ if __name__ == "__main__":  # python benchmarks/test_callback_overhead.py [--smo
 
     torch.set_num_threads(1)
     chosen = SMOKE if "--smoke" in sys.argv else FULL
-    print(_versions(), f"seed {SEED}")
+    print(library_versions(), f"seed {SEED}")
     print(
         f"{'env':<16} {'CPU without (s)':>16} {'CPU with (s)':>13} {'ratio':>7} {'wall ratio':>11} {'ms/update':>10}"
     )

@@ -21,18 +21,16 @@ benchmarks are disabled (the default ``--benchmark-disable`` in ``pyproject.toml
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from typing import Any
 
-import gymnasium
 import pytest
 import stable_baselines3
 import torch
 from stable_baselines3.common.env_util import make_vec_env
 
 import pgvar.algos
+from pgvar.compare import library_versions
 
 SEED = 0
 TARGET_RATIO = 1.03
@@ -48,23 +46,6 @@ SMOKE = {
 }
 
 
-def _versions() -> dict[str, str]:
-    try:
-        import mujoco
-
-        mujoco_version = mujoco.__version__
-    except ImportError:  # pragma: no cover - MuJoCo is a dependency, but CartPole runs without it
-        mujoco_version = "absent"
-    import sb3_contrib
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "sb3_contrib": sb3_contrib.__version__,
-        "gymnasium": gymnasium.__version__,
-        "mujoco": mujoco_version,
-    }
 
 
 def _timed_learn(library: str, env_id: str, model_kwargs: dict[str, Any], n_updates: int) -> tuple[float, float]:
@@ -104,7 +85,7 @@ def measure_speed_ratio(env_id: str, config: dict[str, Any]) -> dict[str, Any]:
         "model_kwargs": repr(config["model"]),
         "torch_threads": torch.get_num_threads(),
         "seed": SEED,
-        **_versions(),
+        **library_versions(),
     }
 
 
@@ -130,19 +111,14 @@ def measure_buffer_ratio(repeats: int) -> dict[str, Any]:
             times.append(time.process_time() - start)
         seconds[name] = min(times)
     return {"cpu_seconds_sb3": seconds["sb3"], "cpu_seconds_pgvar": seconds["pgvar"],
-            "ratio": seconds["pgvar"] / seconds["sb3"], "repeats": repeats, **_versions()}
+            "ratio": seconds["pgvar"] / seconds["sb3"], "repeats": repeats, **library_versions()}
 
 
-def _smoke_mode(benchmark: Any) -> bool:
-    # The fixture knows whether benchmarks are disabled: `--benchmark-enable` on the command line overrides the
-    # `--benchmark-disable` of pyproject.toml's addopts (both options are then set).
-    return os.environ.get("PGVAR_BENCH_SMOKE") == "1" or bool(benchmark.disabled)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_id", ENV_IDS)
-def test_pgvar_ppo_trains_as_fast_as_sb3_ppo(benchmark, env_id):
-    smoke = _smoke_mode(benchmark)
+def test_pgvar_ppo_trains_as_fast_as_sb3_ppo(benchmark, env_id, smoke):
     config = SMOKE if smoke else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -156,15 +132,14 @@ def test_pgvar_ppo_trains_as_fast_as_sb3_ppo(benchmark, env_id):
         f"\n{env_id}: PPO.learn({result['n_updates']} x {result['model_kwargs']}) wall: stable_baselines3 "
         f"{result['seconds_sb3']:.3f} s, pgvar {result['seconds_pgvar']:.3f} s, ratio {result['ratio']:.3f}; "
         f"CPU: {result['cpu_seconds_sb3']:.3f} s, {result['cpu_seconds_pgvar']:.3f} s, ratio "
-        f"{result['cpu_ratio']:.3f} (min of {result['repeats']}, smoke={smoke}, seed {SEED}, {_versions()})"
+        f"{result['cpu_ratio']:.3f} (min of {result['repeats']}, smoke={smoke}, seed {SEED}, {library_versions()})"
     )
     assert result["seconds_sb3"] > 0 and result["seconds_pgvar"] > 0
     if not smoke:
         assert result["cpu_ratio"] <= TARGET_RATIO, result
 
 
-def test_estimator_buffer_vs_sb3_buffer(benchmark):
-    smoke = _smoke_mode(benchmark)
+def test_estimator_buffer_vs_sb3_buffer(benchmark, smoke):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -186,7 +161,7 @@ if __name__ == "__main__":  # python benchmarks/test_training_speed.py [--smoke]
 
     torch.set_num_threads(1)
     chosen = SMOKE if "--smoke" in sys.argv else FULL
-    print(_versions(), f"seed {SEED}")
+    print(library_versions(), f"seed {SEED}")
     print(f"{'env':<16} {'SB3 wall (s)':>12} {'pgvar wall (s)':>14} {'ratio':>6} {'CPU ratio':>9}")
     for env_name in ENV_IDS:
         row = measure_speed_ratio(env_name, chosen)

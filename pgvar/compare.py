@@ -144,7 +144,7 @@ def library_versions() -> dict[str, str]:
 
     versions = {"pgvar": pgvar.__version__, "torch": torch.__version__, "numpy": np.__version__}
     versions["python"] = platform.python_version()
-    for module in ("gymnasium", "stable_baselines3", "mujoco"):
+    for module in ("gymnasium", "stable_baselines3", "sb3_contrib", "mujoco"):
         try:
             versions[module] = __import__(module).__version__
         except ImportError:  # pragma: no cover - optional
