@@ -59,6 +59,7 @@ from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
 
 from pgvar._validation import check_choice, check_positive
+from pgvar.algos._critic_step import AdamStep, mlp_forward, mlp_mse_gradients, plain_mlp
 from pgvar.algos.buffers import EstimatorBufferMixin, EstimatorDictRolloutBuffer, EstimatorRolloutBuffer
 from pgvar.estimators.control_variates import (
     QPROP_ETA_RULES,
@@ -98,6 +99,19 @@ DEFAULT_CRITIC_NET_ARCH = (100, 100)
 _CRITIC_STEPS_PER_DRAW = 256
 #: Offset between the model's seed and the seed of Q-Prop's private random streams (critic init, replay draws).
 _QPROP_SEED_OFFSET = 7_919
+
+
+class _CriticHeadBatch(NamedTuple):
+    """One critic minibatch as the Q-heads' inputs (see ``QPropMixin._critic_head_minibatches``)."""
+
+    inputs: th.Tensor
+    next_inputs: th.Tensor
+    #: Discrete: the taken action's column of each row, ``[B, 1]``; Box: None (the action is in ``inputs``)
+    taken: th.Tensor | None
+    #: Discrete: ``pi(.|s')``, ``[B, n]``; Box: None (``mu(s')`` is in ``next_inputs``)
+    next_probs: th.Tensor | None
+    rewards: th.Tensor
+    discounts: th.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ buffers
@@ -621,54 +635,89 @@ class QPropMixin(_Base):
 
         The policy does not change while the critic trains, so ``mu(s')`` (or ``pi(.|s')``) is computed once per
         draw; so are the observation features when the features extractor has no parameters (SB3's
-        ``FlattenExtractor``): then each TD step runs only the Q-networks' MLPs.
+        ``FlattenExtractor``, :meth:`_critic_head_minibatches`): then each TD step runs only the Q-networks' MLPs.
         """
-        next_policy = self._critic_next_policy(drawn.next_observations)
-        discrete = isinstance(self.action_space, spaces.Discrete)
-        n_rows = len(drawn.rewards)
-        split = lambda tensor: th.split(tensor, batch_size)  # noqa: E731 (views, no copies)
-        rewards, discounts = split(drawn.rewards), split(self.gamma * (1.0 - drawn.dones))
-        if not self._critic_features_are_fixed:
-            for index, first in enumerate(range(0, n_rows, batch_size)):
-                rows = slice(first, first + batch_size)
-                obs, next_obs = _rows(drawn.observations, rows), _rows(drawn.next_observations, rows)
-                yield (
-                    partial(self._critic_q, self.critic, obs, drawn.actions[rows]),
-                    partial(self._critic_expected_q, self.critic_target, next_obs, next_policy[rows]),
-                    rewards[index],
-                    discounts[index],
-                )
+        if self._critic_features_are_fixed:
+            discrete = isinstance(self.action_space, spaces.Discrete)
+            head: Any = self.critic.q_net if discrete else self.critic.q_networks[0]  # type: ignore[index]
+            head_target: Any = self.critic_target.q_net if discrete else self.critic_target.q_networks[0]  # type: ignore[index]
+            for batch in self._critic_head_minibatches(drawn, batch_size):
+                if batch.taken is None:
+                    yield partial(head, batch.inputs), partial(head_target, batch.next_inputs), batch.rewards, batch.discounts
+                else:
+                    yield (
+                        lambda b=batch: head(b.inputs).gather(1, b.taken),
+                        lambda b=batch: (b.next_probs * head_target(b.next_inputs)).sum(dim=1, keepdim=True),
+                        batch.rewards,
+                        batch.discounts,
+                    )
             return
+        next_policy = self._critic_next_policy(drawn.next_observations)
+        rewards, discounts = th.split(drawn.rewards, batch_size), th.split(self.gamma * (1.0 - drawn.dones), batch_size)
+        for index, first in enumerate(range(0, len(drawn.rewards), batch_size)):
+            rows = slice(first, first + batch_size)
+            obs, next_obs = _rows(drawn.observations, rows), _rows(drawn.next_observations, rows)
+            yield (
+                partial(self._critic_q, self.critic, obs, drawn.actions[rows]),
+                partial(self._critic_expected_q, self.critic_target, next_obs, next_policy[rows]),
+                rewards[index],
+                discounts[index],
+            )
+
+    def _critic_head_minibatches(self, drawn: ReplayBufferSamples, batch_size: int) -> Iterator[_CriticHeadBatch]:
+        """The Q-heads' inputs per minibatch of one draw, when the features extractor has no parameters: features
+        (with the stored actions for Box) and next features (with ``mu(s')``), computed once per draw."""
+        discrete = isinstance(self.action_space, spaces.Discrete)
+        next_policy = self._critic_next_policy(drawn.next_observations)
 
         def head_inputs(module: Any, observations: th.Tensor | TensorDict, actions: th.Tensor) -> th.Tensor:
             features = module.extract_features(observations, module.features_extractor)
             return features if discrete else th.cat([features, actions.float()], dim=1)
 
+        split = lambda tensor: th.split(tensor, batch_size)  # noqa: E731 (views, no copies)
         with th.no_grad():
             inputs = split(head_inputs(self.critic, drawn.observations, drawn.actions))
             next_inputs = split(head_inputs(self.critic_target, drawn.next_observations, next_policy))
-        head: Any
-        head_target: Any
-        if discrete:
-            head, head_target = self.critic.q_net, self.critic_target.q_net
-            taken, probs = split(drawn.actions.long().reshape(-1, 1)), split(next_policy)
-            for index in range(len(inputs)):
-                yield (
-                    lambda i=index: head(inputs[i]).gather(1, taken[i]),
-                    lambda i=index: (probs[i] * head_target(next_inputs[i])).sum(dim=1, keepdim=True),
-                    rewards[index],
-                    discounts[index],
-                )
-            return
-        head, head_target = self.critic.q_networks[0], self.critic_target.q_networks[0]  # type: ignore[index]
+        rewards, discounts = split(drawn.rewards), split(self.gamma * (1.0 - drawn.dones))
+        taken = split(drawn.actions.long().reshape(-1, 1)) if discrete else None
+        probs = split(next_policy) if discrete else None
         for index in range(len(inputs)):
-            yield partial(head, inputs[index]), partial(head_target, next_inputs[index]), rewards[index], discounts[index]
+            yield _CriticHeadBatch(
+                inputs[index],
+                next_inputs[index],
+                None if taken is None else taken[index],
+                None if probs is None else probs[index],
+                rewards[index],
+                discounts[index],
+            )
+
+    def _critic_plain_layers(self) -> tuple[list[tuple[th.Tensor, th.Tensor]], list[tuple[th.Tensor, th.Tensor]]] | None:
+        """The critic's and its target's ``(weight, bias)`` layers when :meth:`_train_critic` can take its TD steps by
+        hand (:mod:`pgvar.algos._critic_step`): parameter-free features, no batch norm, a plain ReLU MLP head whose
+        parameters are all of the critic's. None otherwise (autograd)."""
+        if not self._critic_features_are_fixed or self._critic_batch_norm_stats:
+            return None
+        discrete = isinstance(self.action_space, spaces.Discrete)
+        head: Any = self.critic.q_net if discrete else self.critic.q_networks[0]  # type: ignore[index]
+        head_target: Any = self.critic_target.q_net if discrete else self.critic_target.q_networks[0]  # type: ignore[index]
+        layers, target_layers = plain_mlp(head), plain_mlp(head_target)
+        if layers is None or target_layers is None:
+            return None
+        flat = [tensor for pair in layers for tensor in pair]
+        params = list(self.critic.parameters())
+        if len(flat) != len(params) or not all(a is b for a, b in zip(flat, params)):
+            return None
+        return layers, target_layers
 
     def _train_critic(self) -> None:
         """``ceil(qprop_critic_updates_per_step * n_steps * n_envs)`` TD steps once the replay holds
         ``qprop_warmup_steps`` transitions (step 3). Each step: a minibatch of ``qprop_critic_batch_size``
         transitions drawn uniformly (with replacement) from the replay buffer, the MSE to the targets of
-        :meth:`_critic_td_targets`, one Adam step, then the polyak update of the target critic."""
+        :meth:`_critic_td_targets`, one Adam step, then the polyak update of the target critic.
+
+        With the default critic (parameter-free features, a ReLU MLP head, fused Adam) the forward and backward
+        passes and the Adam step are computed by hand (:mod:`pgvar.algos._critic_step`): the same arithmetic
+        without autograd's and ``Optimizer.step``'s per-call bookkeeping, which dominate at batch 64 on a CPU."""
         replay = self.replay_buffer
         stored = replay.size() * replay.n_envs
         self.logger.record("pgvar/qprop_replay_size", stored)
@@ -677,28 +726,39 @@ class QPropMixin(_Base):
         n_updates = math.ceil(self.qprop_critic_updates_per_step * self.n_steps * self.n_envs)
         batch_size = self.qprop_critic_batch_size
         self.critic.set_training_mode(True)
-        optimizer = self.critic.optimizer
         params: list[th.Tensor] = list(self.critic.parameters())
         target_params: list[th.Tensor] = list(self.critic_target.parameters())
+        adam_step = AdamStep(self.critic.optimizer, params)
+        plain_layers = self._critic_plain_layers()
         losses = []
+
+        def after_step(loss: th.Tensor, grads: Sequence[th.Tensor | None]) -> None:
+            adam_step(grads)
+            with th.no_grad():  # polyak: target <- (1 - tau) target + tau w, one multi-tensor call
+                th._foreach_lerp_(target_params, params, self.qprop_critic_tau)
+            if self._critic_batch_norm_stats:
+                polyak_update(self._critic_batch_norm_stats, self._critic_batch_norm_stats_target, 1.0)
+            losses.append(loss.detach())
+
         for first in range(0, n_updates, _CRITIC_STEPS_PER_DRAW):
             n_draw = min(_CRITIC_STEPS_PER_DRAW, n_updates - first)
             with self._private_numpy_random():  # n_draw minibatches at once: the same uniform draws as one by one
                 drawn = replay.sample(n_draw * batch_size, env=self._vec_normalize_env)
+            if plain_layers is not None:
+                layers, target_layers = plain_layers
+                for batch in self._critic_head_minibatches(drawn, batch_size):
+                    next_q = mlp_forward(target_layers, batch.next_inputs)
+                    if batch.next_probs is not None:
+                        next_q = (batch.next_probs * next_q).sum(dim=1, keepdim=True)
+                    targets = th.addcmul(batch.rewards, batch.discounts, next_q)  # r + gamma (1 - term) Q'(s', mu(s'))
+                    after_step(*mlp_mse_gradients(layers, batch.inputs, targets, batch.taken))
+                continue
             for q, next_q, rewards, discounts in self._critic_minibatches(drawn, batch_size):
                 with th.no_grad():
                     targets = th.addcmul(rewards, discounts, next_q())  # r + gamma (1 - terminated) Q'(s', mu(s'))
                 loss = F.mse_loss(q(), targets)
                 # autograd.grad skips the AccumulateGrad nodes of backward(): about 0.1 ms less per step on a CPU
-                grads = th.autograd.grad(loss, params, allow_unused=True)
-                for param, grad in zip(params, grads):
-                    param.grad = grad
-                optimizer.step()
-                with th.no_grad():  # polyak: target <- (1 - tau) target + tau w, one multi-tensor call
-                    th._foreach_lerp_(target_params, params, self.qprop_critic_tau)
-                if self._critic_batch_norm_stats:
-                    polyak_update(self._critic_batch_norm_stats, self._critic_batch_norm_stats_target, 1.0)
-                losses.append(loss.detach())
+                after_step(loss, th.autograd.grad(loss, params, allow_unused=True))
         self.critic.set_training_mode(False)
         self.critic_n_updates += n_updates
         self.logger.record("pgvar/qprop_critic_loss", float(th.stack(losses).mean()))
