@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -20,9 +23,16 @@ def check_unit_interval(name: str, value: float) -> float:
 
 
 def check_positive(name: str, value: float, *, integer: bool = False) -> float:
-    """Return ``value`` or raise ``ValueError`` unless it is a (whole, when ``integer``) number > 0."""
+    """Return ``value`` or raise ``ValueError`` unless it is a finite (whole, when ``integer``) number > 0.
+
+    Python and numpy numbers are accepted (``np.int64(64)``); bools, NaN and infinity are not.
+    """
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
+    if not math.isfinite(float(value)) and not math.isnan(float(value)):
+        raise ValueError(f"{name} must be a finite {kind.split()[-1]} > 0, got {value!r}")
+    if integer and not float(value).is_integer():
         raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
     if not value > 0:
         raise ValueError(f"{name} must be {kind} > 0, got {value!r}")

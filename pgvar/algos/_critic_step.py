@@ -13,8 +13,10 @@ per-parameter state gathering of ``_init_group``). This module removes both for 
   hyperparameters of its parameter group, so ``optimizer.state_dict()`` (and with it save/load and resuming)
   is exactly what ``optimizer.step()`` would leave.
 
-Anything else (another activation, batch norm, dropout, a features extractor with weights, an optimizer that is
-not a fused Adam) is not matched, and the caller takes the autograd path. ``tests/algos/test_critic_step.py``
+A head of any other structure (another activation, batch norm, dropout) or a features extractor with weights
+is not matched, and the caller takes the autograd path for the gradients; an optimizer that is not a fused Adam
+gets them through ``param.grad`` and its own ``step()``. The caller uses this on CPU only (where it is tested and
+where the bookkeeping dominates). ``tests/algos/test_critic_step.py``
 checks that the gradients equal autograd's bit for bit, and that training with them equals training with
 ``autograd.grad`` + ``optimizer.step()`` bit for bit.
 """
@@ -159,6 +161,8 @@ class AdamStep:
             for param, grad in zip(self.params, grads):
                 param.grad = grad
             self.optimizer.step()
+            for param in self.params:  # keep no stale gradients on the critic
+                param.grad = None
             if self._state is None:
                 self._bind_state()
             return

@@ -374,7 +374,11 @@ class QPropMixin(_Base):
     def _setup_model(self) -> None:
         self._check_qprop_options()
         self._check_qprop_spaces()
+        # After load(): SB3's _setup_model reseeds, but the replay stream continues where the saved model left it.
+        resumed_stream = self.__dict__.get("_qprop_np_random_state")
         super()._setup_model()
+        if resumed_stream is not None:
+            self._qprop_np_random_state = resumed_stream
         self._check_qprop_policy()
         self._build_critic()
         replay_class: Any = DictReplayBuffer if isinstance(self.observation_space, spaces.Dict) else ReplayBuffer
@@ -693,9 +697,10 @@ class QPropMixin(_Base):
 
     def _critic_plain_layers(self) -> tuple[list[tuple[th.Tensor, th.Tensor]], list[tuple[th.Tensor, th.Tensor]]] | None:
         """The critic's and its target's ``(weight, bias)`` layers when :meth:`_train_critic` can take its TD steps by
-        hand (:mod:`pgvar.algos._critic_step`): parameter-free features, no batch norm, a plain ReLU MLP head whose
-        parameters are all of the critic's. None otherwise (autograd)."""
-        if not self._critic_features_are_fixed or self._critic_batch_norm_stats:
+        hand (:mod:`pgvar.algos._critic_step`): on CPU, parameter-free features, no batch norm, a plain ReLU MLP head
+        whose parameters are all of the critic's. None otherwise (autograd; on CUDA the products could round
+        differently from autograd's, and that path is not tested here)."""
+        if not self._critic_features_are_fixed or self._critic_batch_norm_stats or self.device.type != "cpu":
             return None
         discrete = isinstance(self.action_space, spaces.Discrete)
         head: Any = self.critic.q_net if discrete else self.critic.q_networks[0]  # type: ignore[index]
@@ -726,6 +731,8 @@ class QPropMixin(_Base):
         n_updates = math.ceil(self.qprop_critic_updates_per_step * self.n_steps * self.n_envs)
         batch_size = self.qprop_critic_batch_size
         self.critic.set_training_mode(True)
+        for group in self.critic.optimizer.param_groups:  # the attribute rules (also after load with custom_objects)
+            group["lr"] = self.qprop_critic_learning_rate
         params: list[th.Tensor] = list(self.critic.parameters())
         target_params: list[th.Tensor] = list(self.critic_target.parameters())
         adam_step = AdamStep(self.critic.optimizer, params)
@@ -742,7 +749,7 @@ class QPropMixin(_Base):
 
         for first in range(0, n_updates, _CRITIC_STEPS_PER_DRAW):
             n_draw = min(_CRITIC_STEPS_PER_DRAW, n_updates - first)
-            with self._private_numpy_random():  # n_draw minibatches at once: the same uniform draws as one by one
+            with self._private_numpy_random():  # n_draw minibatches at once (uniform with replacement, like one by one)
                 drawn = replay.sample(n_draw * batch_size, env=self._vec_normalize_env)
             if plain_layers is not None:
                 layers, target_layers = plain_layers

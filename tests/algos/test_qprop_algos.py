@@ -75,8 +75,7 @@ def zero_critic_frozen(model) -> None:
         for param in model.critic.parameters():
             param.zero_()
     model.critic_target.load_state_dict(model.critic.state_dict())
-    for group in model.critic.optimizer.param_groups:
-        group["lr"] = 0.0
+    model.qprop_critic_learning_rate = 0.0  # (the optimizer's group takes it at every critic step)
 
 
 def assert_same_training(reference, model) -> None:
@@ -494,12 +493,20 @@ def test_save_load_round_trip_and_resume(tmp_path, make_short_env):
     for field in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
         np.testing.assert_array_equal(getattr(loaded.replay_buffer, field), getattr(model.replay_buffer, field))
     assert loaded.replay_buffer.pos == model.replay_buffer.pos
+    # The replay minibatch stream continues where the saved model left it (not reseeded by load()).
+    saved_stream, loaded_stream = model._qprop_np_random_state, loaded._qprop_np_random_state
+    assert saved_stream[0] == loaded_stream[0] and saved_stream[2:] == loaded_stream[2:]
+    np.testing.assert_array_equal(saved_stream[1], loaded_stream[1])
     # Resume: the control variate is on at once, the critic keeps training from its saved state.
     critic_before = copy.deepcopy(loaded.critic.state_dict())
     loaded.learn(2 * N_STEPS * 2, reset_num_timesteps=False)
     assert loaded.num_timesteps == model.num_timesteps + 2 * N_STEPS * 2
     assert loaded.critic_n_updates == model.critic_n_updates + 2 * N_STEPS * 2
     assert any(not torch.equal(critic_before[k], v) for k, v in loaded.critic.state_dict().items())
+    # Adam continued from the loaded state: its step counters count every critic update, before and after.
+    for state in loaded.critic.optimizer.state_dict()["state"].values():
+        assert float(state["step"]) == loaded.critic_n_updates
+    assert all(p.grad is None for p in loaded.critic.parameters())  # no stale gradients kept on the critic
     assert loaded.replay_buffer.size() * 2 == 5 * N_STEPS * 2
     assert math.isfinite(loaded.logger.name_to_value["pgvar/qprop_critic_explained_variance"])
 
@@ -526,6 +533,7 @@ def test_load_replay_buffer_rejects_a_mismatch(tmp_path, make_short_env):
         ({"qprop_critic_batch_size": 0}, "qprop_critic_batch_size must be an integer > 0, got 0"),
         ({"qprop_critic_batch_size": 2.5}, "qprop_critic_batch_size must be an integer > 0, got 2.5"),
         ({"qprop_critic_updates_per_step": -1}, "qprop_critic_updates_per_step must be a number > 0, got -1"),
+        ({"qprop_critic_updates_per_step": float("inf")}, "qprop_critic_updates_per_step must be a finite number > 0, got inf"),
         ({"qprop_critic_tau": 0.0}, r"qprop_critic_tau must be a number in \(0, 1\].*got 0.0"),
         ({"qprop_critic_tau": 1.5}, r"qprop_critic_tau must be a number in \(0, 1\].*got 1.5"),
         ({"qprop_buffer_size": 0}, "qprop_buffer_size must be an integer > 0, got 0"),
@@ -594,3 +602,14 @@ def test_ppo_reuses_the_evaluated_distribution_for_the_same_analytic_term(make_s
     model._qprop_correction = compare
     model.learn(N_STEPS * 2, reset_num_timesteps=False)
     assert len(checked) == model.n_epochs * (N_STEPS * 2) // model.batch_size
+
+
+def test_critic_learning_rate_follows_the_attribute_after_load(tmp_path, make_short_env):
+    env = make_short_env("Pendulum-v1", 2, 10)
+    model = make_model(QPropTRPO, env)
+    model.learn(2 * N_STEPS * 2)
+    model.save(tmp_path / "qprop")
+    loaded = QPropTRPO.load(tmp_path / "qprop.zip", env=env, custom_objects={"qprop_critic_learning_rate": 1e-5})
+    assert loaded.critic.optimizer.param_groups[0]["lr"] == model.qprop_critic_learning_rate  # the saved state
+    loaded.learn(N_STEPS * 2, reset_num_timesteps=False)
+    assert loaded.critic.optimizer.param_groups[0]["lr"] == 1e-5
