@@ -34,6 +34,7 @@ from pgvar.estimators import (
     qprop_control_variate,
     qprop_eta,
     qprop_learning_signal,
+    qprop_normalize,
 )
 from pgvar.measure import estimate_statistics, flatten, flatten_per_sample, per_sample_gradients
 from pgvar.problems import ExactGradientProblem, GaussianBandit, LinearQuadraticRegulator, TabularMDP
@@ -71,6 +72,17 @@ ESTIMATORS: dict[str, str] = {
     "gae_fitted_value": "GAE(lambda) with V fitted by least squares on an independent batch",
     "qprop_fitted_critic": "Q-Prop: G_t - V(s) minus a critic control variate, plus its analytic term (Box: Taylor "
     "CV, conservative eta per batch; Discrete: all-action CV); V and Q_w fitted on an independent batch",
+    "qprop_fixed_eta": "Q-Prop as above with eta = 1 (Box; Discrete: the all-action CV, which has no eta)",
+    "qprop_as_published": "Q-Prop as above, normalized as published: the signal centred and divided by its batch "
+    "std sigma, the analytic term not; times sigma to the gradient's scale (Tucker et al. 2018: biased toward "
+    "the critic's gradient)",
+}
+
+#: The Q-Prop rows of :data:`ESTIMATORS`: (eta rule for Box problems, normalized as published).
+_QPROP_VARIANTS: dict[str, tuple[str, bool]] = {
+    "qprop_fitted_critic": ("conservative", False),
+    "qprop_fixed_eta": ("fixed", False),
+    "qprop_as_published": ("conservative", True),
 }
 
 
@@ -257,6 +269,8 @@ def _qprop_estimate(
     fitted_value: _FittedValue,
     critic: _FittedCritic,
     gamma: float,
+    eta_rule: str = "conservative",
+    as_published: bool = False,
 ) -> torch.Tensor:
     r"""One batch's Q-Prop estimate ``[P]``: the residual score-function term plus the analytic term.
 
@@ -264,7 +278,11 @@ def _qprop_estimate(
     eta from the batch covariance (unbiased up to O(1/N)), analytic term
     :math:`\eta\, \nabla_\theta \mu_\theta(s)^\top \nabla_a Q_w(s, \mu)`. Discrete actions: the exact
     all-action control variate, analytic term :math:`\nabla_\theta \sum_a \pi_\theta(a|s) Q_w(s, a)`. Each
-    step carries the policy-gradient theorem's :math:`\gamma^t`.
+    step carries the policy-gradient theorem's :math:`\gamma^t`. ``eta_rule`` is :func:`qprop_eta`'s rule (batch
+    scope; Box only). ``as_published``: the signal is centred and divided by its batch std :math:`\sigma`
+    (:func:`qprop_normalize`, ``"as_published"``) and the analytic term is not; the sum is multiplied by
+    :math:`\sigma` to stay in the gradient's scale, so its expectation is about :math:`\nabla J + (\sigma - 1)`
+    times the analytic term's (Tucker et al. 2018).
     """
     mask = batch.mask
     discount = gamma ** batch.timesteps.to(returns.dtype)
@@ -291,14 +309,20 @@ def _qprop_estimate(
         with torch.enable_grad():
             (grad_q,) = torch.autograd.grad(critic(batch.observations, at_mean, batch.timesteps).sum(), at_mean)
         adv_bar = qprop_control_variate(grad_q, batch.actions.to(mu.dtype), mu)
-        eta = qprop_eta(adv_hat, adv_bar, rule="conservative", scope="batch", mask=mask)
+        eta = qprop_eta(adv_hat, adv_bar, rule=eta_rule, scope="batch", mask=mask)
         signal = qprop_learning_signal(adv_hat, adv_bar, eta)
         weights = ((discount * eta).unsqueeze(-1) * grad_q)[mask]
         analytic = per_sample_gradients(
             lambda p, obs, w: (mean_action(p, obs.unsqueeze(0)) * w).sum(), params, (observations, weights)
         )
+    analytic_sum = flatten_per_sample(analytic).sum(0)
+    if as_published:
+        sigma = float(signal[mask].std()) if int(mask.sum()) > 1 else 1.0
+        centred = qprop_normalize(signal, 1.0, "as_published", mask=mask, signal_std=sigma).learning_signal
+        residual = torch.einsum("tn,tnp->p", centred * discount * mask, scores)
+        return sigma * (residual + analytic_sum) / batch.n_episodes
     residual = torch.einsum("tn,tnp->p", signal * discount * mask, scores)
-    return (residual + flatten_per_sample(analytic).sum(0)) / batch.n_episodes
+    return (residual + analytic_sum) / batch.n_episodes
 
 
 def _problem_returns(problem: ExactGradientProblem, params: Params, batch: EpisodeBatch, gamma: float) -> torch.Tensor:
@@ -394,14 +418,15 @@ def compare_on_problem(
     params = problem.initial_parameters(seed)
     exact = flatten(problem.exact_policy_gradient(params))
     fitted_value = critic = None
-    if {"gae_fitted_value", "qprop_fitted_critic"} & set(estimators):
+    qprop_names = [name for name in estimators if name in _QPROP_VARIANTS]
+    if "gae_fitted_value" in estimators or qprop_names:
         # Fitted on their own batch, so that they are independent of the batches they score.
         fit_batch = problem.sample_episodes(params, max(4 * batch_size, 256), generator)
         fitted_value = _FittedValue.fit(problem, fit_batch, gamma)
-        if "qprop_fitted_critic" in estimators:
+        if qprop_names:
             if getattr(problem.action_space, "n", None) is None and not hasattr(problem, "mean_action"):
                 raise ValueError(
-                    f"estimators: 'qprop_fitted_critic' needs mean_action(params, observations) on a continuous "
+                    f"estimators: {qprop_names[0]!r} needs mean_action(params, observations) on a continuous "
                     f"problem, which {type(problem).__name__} does not have"
                 )
             critic = _FittedCritic.fit(problem, fit_batch, gamma)
@@ -410,15 +435,18 @@ def compare_on_problem(
     for k in range(n_batches):
         batch = problem.sample_episodes(params, batch_size, generator)
         scores = _score_vectors(problem, params, batch)
-        signal_names = [name for name in estimators if name != "qprop_fitted_critic"]
+        signal_names = [name for name in estimators if name not in _QPROP_VARIANTS]
         signals = _learning_signals(signal_names, problem, params, batch, scores, fitted_value, gamma, gae_lambda)
         for name, signal in signals.items():
             estimates[name][k] = torch.einsum("tn,tnp->p", signal, scores) / batch_size
         if critic is not None:
             assert fitted_value is not None
-            estimates["qprop_fitted_critic"][k] = _qprop_estimate(
-                problem, params, batch, scores, _problem_returns(problem, params, batch, gamma), fitted_value, critic, gamma
-            )
+            returns = _problem_returns(problem, params, batch, gamma)
+            for name in qprop_names:
+                eta_rule, as_published = _QPROP_VARIANTS[name]
+                estimates[name][k] = _qprop_estimate(
+                    problem, params, batch, scores, returns, fitted_value, critic, gamma, eta_rule, as_published
+                )
         if progress is not None:
             progress(k + 1)
 

@@ -258,6 +258,18 @@ def test_qprop_with_a_fitted_critic_is_unbiased(name):
         assert result.summary("qprop_fitted_critic").variance_ratio < 0.5
 
 
+@pytest.mark.parametrize("name", ["bandit", "tabular"])
+def test_qprop_as_published_is_biased_and_fixed_eta_is_not(name):
+    """The Mirage normalization trap at the gradient level: centred signal / sigma with an unscaled analytic term,
+    times sigma, leans toward the critic's gradient; its bias is many standard errors, unlike eta = 1's."""
+    result = compare_on_problem(
+        name, estimators=["qprop_fixed_eta", "qprop_as_published"], batch_size=16, n_batches=100, seed=3
+    )
+    bound = 4.0 + math.sqrt(2 * math.log(result.n_parameters))
+    assert result.summary("qprop_fixed_eta").bias_max_abs_z < bound
+    assert result.summary("qprop_as_published").bias_max_abs_z > bound
+
+
 def test_qprop_needs_a_mean_action_on_continuous_problems():
     problem = make_problem("bandit")
 
