@@ -1,4 +1,5 @@
-"""Measure gradient estimators: per-sample gradients (torch.func), covariance trace, SNR, cosines, bias.
+"""Measure gradient estimators: per-sample gradients (torch.func), covariance trace, SNR, cosines, bias,
+and the trajectory / action / state decomposition of the variance (Tucker et al. 2018).
 
 Imports torch only; works on any ``nn.Module``, including a plain SB3 policy (pass a ``loss_fn`` that calls
 ``policy.evaluate_actions``). See ``docs`` and ``formulas.md`` section 6 for what each number means.
@@ -6,6 +7,7 @@ Imports torch only; works on any ``nn.Module``, including a plain SB3 policy (pa
 
 from __future__ import annotations
 
+from pgvar.measure.decomposition import VarianceDecomposition, variance_decomposition
 from pgvar.measure.per_sample import (
     DEFAULT_STREAMING_MEMORY_BYTES,
     flat_names,
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_STREAMING_MEMORY_BYTES",
     "EstimateStatistics",
     "GradientStatistics",
+    "VarianceDecomposition",
     "estimate_statistics",
     "flat_names",
     "flatten",
@@ -39,5 +42,6 @@ __all__ = [
     "pairwise_cosine",
     "per_sample_grad_sq_norms",
     "per_sample_gradients",
+    "variance_decomposition",
     "unflatten",
 ]
