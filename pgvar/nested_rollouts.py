@@ -45,8 +45,8 @@ from pgvar.measure import (
 
 __all__ = ["NestedRolloutSamples", "restore_state", "sample_nested_rollouts", "snapshot_state"]
 
-#: continuations per sampled state: R_1, R_2 (after a), R' (after a'), three Monte Carlo values
-_ROLES = ("first", "second", "fresh", "value_1", "value_2", "value_3")
+#: continuations per sampled state, in this order: R_1, R_2 (after a), R' (after a'), three Monte Carlo values
+_N_ROLES = 6
 
 
 def snapshot_state(env: gym.Env) -> Any:
@@ -241,19 +241,21 @@ def sample_nested_rollouts(
             mean = distribution.distribution.mean.clone() if isinstance(env.action_space, spaces.Box) else None
         actions = torch.stack([drawn[0], drawn[0], drawn[1], drawn[2], drawn[3], drawn[4]])  # one per role
         remaining = [int(min(max_steps, (limit if limit is not None else math.inf) - visited[i][2])) for i in chosen]
-        jobs = [(snapshots[s], actions[r, s].cpu().numpy(), remaining[s]) for r in range(6) for s in range(n_states)]
+        jobs = [
+            (snapshots[s], actions[r, s].cpu().numpy(), remaining[s]) for r in range(_N_ROLES) for s in range(n_states)
+        ]
         returns, lengths = _continuations(policy, env_id, jobs, gamma, n_parallel, seed, progress)
-    returns_t = torch.as_tensor(returns, dtype=torch.float64).reshape(6, n_states)
-    lengths_t = torch.as_tensor(lengths).reshape(6, n_states).T
+    returns_t = torch.as_tensor(returns, dtype=torch.float64).reshape(_N_ROLES, n_states)
+    lengths_t = torch.as_tensor(lengths).reshape(_N_ROLES, n_states).T
 
     names = actor_parameter_names(policy)
 
     def log_prob(module: Any, observations: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         return module.get_distribution(observations).log_prob(taken).sum()
 
-    def scores_of(taken: torch.Tensor) -> torch.Tensor:
-        grads = per_sample_gradients(policy, log_prob, (obs, taken), params=names)
-        return flatten_per_sample(grads).to(torch.float64)
+    # The scores of a and a' in one vmap pass: [2S, P], then split.
+    both = per_sample_gradients(policy, log_prob, (torch.cat([obs, obs]), torch.cat([drawn[0], drawn[1]])), params=names)
+    scores, fresh_scores = flatten_per_sample(both).to(torch.float64).split(n_states)
 
     value = policy.predict_values(obs).detach().flatten().to(torch.float64)
     baselines: dict[str, torch.Tensor] = {"value": value, "mc_value": returns_t[3:].T.contiguous()}
@@ -264,9 +266,9 @@ def sample_nested_rollouts(
         taylor = [qprop_control_variate(grad_q, actions[r], mean).to(torch.float64) for r in (0, 1, 2)]
         baselines["qprop"] = value[:, None] + torch.stack(taylor, dim=1)
     return NestedRolloutSamples(
-        scores=scores_of(drawn[0]),
+        scores=scores,
         returns=returns_t[:2].T.contiguous(),
-        fresh_scores=scores_of(drawn[1]),
+        fresh_scores=fresh_scores,
         fresh_returns=returns_t[2].clone(),
         baselines=baselines,
         timesteps=timesteps,

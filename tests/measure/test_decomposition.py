@@ -84,12 +84,12 @@ def nested_samples(n_states: int, seed: int):
         fresh_scores=t(score(s, a_fresh)),
         fresh_returns=t(fresh_returns),
         baselines={"value": t(state_value(s)), "mc_value": t(mc_value), "taylor": t(taylor)},
-    ), (s, a)
+    )
 
 
 def test_estimates_match_the_exact_terms_within_standard_errors():
     exact = exact_terms()
-    data, _ = nested_samples(40_000, seed=0)
+    data = nested_samples(40_000, seed=0)
     result = variance_decomposition(**data, state_baseline="value")
     assert isinstance(result, VarianceDecomposition) and result.n_states == 40_000
     checks = [("trajectory", result.trajectory, result.trajectory_se, exact["trajectory"]),
@@ -125,7 +125,7 @@ def test_terms_add_up_to_the_variance_of_the_estimator():
 def test_dependent_continuations_are_visible():
     """Feeding the same return twice (not two independent continuations) zeroes the trajectory term: the
     estimator really uses the pair, so a sampler that reuses a continuation is caught by this number."""
-    data, _ = nested_samples(2000, seed=2)
+    data = nested_samples(2000, seed=2)
     data["returns"] = data["returns"][:, :1].expand(-1, 2)
     result = variance_decomposition(**data)
     assert result.trajectory == 0.0
@@ -148,7 +148,7 @@ def test_dependent_continuations_are_visible():
     ],
 )
 def test_bad_input(change, message):
-    data, _ = nested_samples(10, seed=3)
+    data = nested_samples(10, seed=3)
     change(data)
     with pytest.raises(ValueError, match=message):
         variance_decomposition(**data)
