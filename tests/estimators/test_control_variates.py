@@ -137,17 +137,29 @@ def test_action_variance_matches_the_sampled_variance_of_the_control_variate(std
 
 
 # ------------------------------------------------------------------------------------------------ eta
-def reference_eta(adv_hat, adv_bar, rule, scope, variance, mask):
-    """One float at a time."""
+def reference_eta(adv_hat, adv_bar, rule, scope, variance, mask, folds=None):
+    """One float at a time; ``crossfit`` uses the other folds (default: halves of the last dimension)."""
     flat_hat, flat_bar = adv_hat.reshape(-1).tolist(), adv_bar.reshape(-1).tolist()
     flat_var = variance.reshape(-1).tolist()
     keep = [True] * len(flat_hat) if mask is None else mask.reshape(-1).tolist()
-    kept = [i for i in range(len(flat_hat)) if keep[i]]
-    batch_cov = sum(flat_hat[i] * flat_bar[i] for i in kept) / len(kept)
-    batch_var = sum(flat_var[i] for i in kept) / len(kept)
+    if folds is None:
+        n_env = adv_hat.shape[-1]
+        folds = torch.tensor([[n * 2 // n_env for n in range(n_env)]] * adv_hat.shape[0])
+    flat_fold = folds.reshape(-1).tolist()
+
+    def means(indices):
+        kept = [i for i in indices if keep[i]]
+        return sum(flat_hat[i] * flat_bar[i] for i in kept) / len(kept), sum(flat_var[i] for i in kept) / len(kept)
+
+    batch_cov, batch_var = means(range(len(flat_hat)))
     out = []
-    for h, b, v in zip(flat_hat, flat_bar, flat_var):
-        cov, var = (h * b, v) if scope == "sample" else (batch_cov, batch_var)
+    for j, (h, b, v) in enumerate(zip(flat_hat, flat_bar, flat_var)):
+        if scope == "sample":
+            cov, var = h * b, v
+        elif scope == "batch":
+            cov, var = batch_cov, batch_var
+        else:
+            cov, var = means([i for i in range(len(flat_hat)) if flat_fold[i] != flat_fold[j]])
         if rule == "fixed":
             out.append(1.0)
         elif rule == "conservative":
@@ -176,6 +188,76 @@ def test_eta_rules_match_loop_reference(rule, scope, use_mask):
     assert not eta.requires_grad
     if scope == "batch":
         assert bool((eta == eta.reshape(-1)[0]).all())
+
+
+@pytest.mark.parametrize("rule", QPROP_ETA_RULES)
+def test_crossfit_eta_with_explicit_folds_matches_loop_reference(rule):
+    T, N = 6, 1  # one environment: the default folds are time halves; explicit folds here are three
+    adv_hat = torch.randn(T, N, dtype=F64, generator=generator(15))
+    adv_bar = torch.randn(T, N, dtype=F64, generator=generator(16)) + 0.3 * adv_hat
+    variance = torch.rand(T, N, dtype=F64, generator=generator(17))
+    folds = torch.tensor([[0], [1], [2], [0], [1], [2]])
+    eta = qprop_eta(adv_hat, adv_bar, rule, "crossfit", action_variance=variance, folds=folds)
+    torch.testing.assert_close(eta, reference_eta(adv_hat, adv_bar, rule, "crossfit", variance, None, folds))
+    default = qprop_eta(adv_hat, adv_bar, rule, "crossfit", action_variance=variance)
+    time_halves = torch.tensor([[0], [0], [0], [1], [1], [1]])
+    torch.testing.assert_close(default, reference_eta(adv_hat, adv_bar, rule, "crossfit", variance, None, time_halves))
+
+
+def test_crossfit_eta_rejects_bad_folds():
+    adv = torch.randn(4, 2)
+    with pytest.raises(TypeError, match="folds must be an integer tensor"):
+        qprop_eta(adv, adv, "conservative", "crossfit", folds=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="K >= 2 folds"):
+        qprop_eta(adv, adv, "conservative", "crossfit", folds=torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="folds is used by scope='crossfit' only"):
+        qprop_eta(adv, adv, "conservative", "batch", folds=torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        qprop_eta(torch.randn(1, 1), torch.randn(1, 1), "conservative", "crossfit")
+    mask = torch.tensor([[True, False]] * 4)  # every real sample in fold 0: nothing to cross-fit from
+    with pytest.raises(ValueError, match="real samples in at least two folds"):
+        qprop_eta(adv, adv, "conservative", "crossfit", mask=mask)
+
+
+def _zero_covariance_qprop_estimates(rule: str, scope: str, n_batches: int, batch_size: int) -> torch.Tensor:
+    """Q-Prop estimates of grad J in (mu, log sigma) on a problem where E[A_hat A_bar] = 0 exactly.
+
+    a ~ N(m0, 1) at mu = m0, sigma = 1; reward (a - m0)^2, V = 1, critic Q_w(a) = a. With x = a - mu:
+    A_hat = x^2 - 1, A_bar = x (grad_a Q = 1), scores (x, x^2 - 1), correction eta * (1, 0). The exact
+    gradient of J = sigma^2 + (mu - m0)^2 is (0, 2).
+    """
+    x = torch.randn(n_batches, batch_size, dtype=F64, generator=generator(2024))
+    adv_hat, adv_bar = x**2 - 1, x
+    estimates = []
+    for b in range(n_batches):
+        # Var_a(A_bar | s) = (grad_a Q)^2 sigma^2 = 1
+        eta = qprop_eta(adv_hat[b], adv_bar[b], rule, scope, action_variance=torch.ones_like(x[b]))
+        signal = adv_hat[b] - eta * adv_bar[b]
+        mu_part = (x[b] * signal).mean() + eta.mean()
+        log_sigma_part = ((x[b] ** 2 - 1) * signal).mean()
+        estimates.append(torch.stack([mu_part, log_sigma_part]))
+    return torch.stack(estimates)
+
+
+def _max_bias_z(estimates: torch.Tensor, exact: torch.Tensor) -> float:
+    standard_error = estimates.std(0) / math.sqrt(estimates.shape[0])
+    return float(((estimates.mean(0) - exact).abs() / standard_error).max())
+
+
+@pytest.mark.parametrize("rule", ["conservative", "aggressive"])
+def test_batch_scope_eta_is_biased_where_the_covariance_is_zero(rule):
+    """The old default (eta from the batch it weights) is biased by O(1/sqrt N): z grows with the batch count."""
+    estimates = _zero_covariance_qprop_estimates(rule, "batch", n_batches=3000, batch_size=64)
+    assert _max_bias_z(estimates, torch.tensor([0.0, 2.0], dtype=F64)) > 6
+    # about 15% (conservative) / 35% (aggressive) of one batch's standard deviation
+    relative = float((estimates[:, 1].mean() - 2.0).abs() / estimates[:, 1].std())
+    assert (0.08 < relative < 0.25) if rule == "conservative" else (0.25 < relative < 0.5), relative
+
+
+@pytest.mark.parametrize("rule", ["conservative", "aggressive", "adaptive", "fixed"])
+def test_crossfit_eta_is_unbiased_where_the_covariance_is_zero(rule):
+    estimates = _zero_covariance_qprop_estimates(rule, "crossfit", n_batches=3000, batch_size=64)
+    assert _max_bias_z(estimates, torch.tensor([0.0, 2.0], dtype=F64)) < 4
 
 
 def test_batch_eta_with_mask_ignores_padding():
@@ -410,7 +492,7 @@ BAD_INPUTS = [
     ),
     (
         lambda: qprop_eta(_t(3), _t(3), "fixed", "episode"),
-        r"scope must be one of 'sample', 'batch'; got 'episode'",
+        r"scope must be one of 'crossfit', 'batch', 'sample'; got 'episode'",
     ),
     (lambda: qprop_eta(_t(3), _t(4)), r"adv_bar must have the shape of adv_hat \(3,\), got \(4,\)"),
     (lambda: qprop_eta(_t(3), _t(3), "adaptive"), r"action_variance is required by rule='adaptive'"),
@@ -498,5 +580,5 @@ def test_bad_input_raises_value_error_naming_argument_value_and_allowed(call, me
 
 def test_constants_list_the_allowed_names():
     assert QPROP_ETA_RULES == ("fixed", "conservative", "aggressive", "adaptive")
-    assert QPROP_ETA_SCOPES == ("sample", "batch")
+    assert QPROP_ETA_SCOPES == ("crossfit", "batch", "sample")
     assert QPROP_NORMALIZATION_MODES == ("consistent", "as_published", "none")
