@@ -50,7 +50,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 from pgvar._validation import check_positive
 from pgvar.algos import _save as _algos_save  # noqa: F401  (kept import-light; the writer lives there)
 
-__all__ = ["ExactCheckpointCallback", "load_checkpoint", "save_checkpoint"]
+__all__ = ["ExactCheckpointCallback", "atomic_write_bytes", "load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "pgvar-checkpoint/1"
 
@@ -63,6 +63,15 @@ _SKIPPED_ATTRIBUTES = frozenset(
         "episode_times", "renderer", "mujoco_renderer", "viewer",
     }
 )  # fmt: skip
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a crash leaves the previous file)."""
+
+    def write(file: Any) -> None:
+        file.write(data)
+
+    _algos_save.atomic_save(write, path)
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -416,9 +425,13 @@ class ExactCheckpointCallback(BaseCallback):
     def _on_rollout_start(self) -> None:
         assert self._last_saved_at is not None
         if self.model.num_timesteps - self._last_saved_at >= self.save_freq:
-            save_checkpoint(self.model, self.path)
+            self._write()
             self._last_saved_at = self.model.num_timesteps
             self.logger.record("pgvar/checkpoint_timesteps", self.model.num_timesteps)
+
+    def _write(self) -> None:
+        """Write the checkpoint (a subclass may write its own files first, e.g. a learning curve)."""
+        save_checkpoint(self.model, self.path)
 
     def _on_step(self) -> bool:
         return True
