@@ -182,15 +182,17 @@ def aggregate_results(
         grid = np.linspace(total / curve_points, total, curve_points)
         per_seed = np.stack([_binned_curve(unit["episodes"], grid) for unit in units])
         rng = np.random.default_rng(seed)
-        boot = np.stack(
-            [np.nanmean(per_seed[rng.integers(0, len(units), len(units))], axis=0) for _ in range(200)]
-        )
-        curves[env_id, learner_name] = {
-            "steps": grid.tolist(),
-            "mean": np.nanmean(per_seed, axis=0).tolist(),
-            "low": np.nanpercentile(boot, tail, axis=0).tolist(),
-            "high": np.nanpercentile(boot, 100 - tail, axis=0).tolist(),
-        }
+        with warnings.catch_warnings():  # grid points before any episode ended are NaN (not drawn)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            boot = np.stack(
+                [np.nanmean(per_seed[rng.integers(0, len(units), len(units))], axis=0) for _ in range(200)]
+            )
+            curves[env_id, learner_name] = {
+                "steps": grid.tolist(),
+                "mean": np.nanmean(per_seed, axis=0).tolist(),
+                "low": np.nanpercentile(boot, tail, axis=0).tolist(),
+                "high": np.nanpercentile(boot, 100 - tail, axis=0).tolist(),
+            }
     improvement: dict[str, dict[tuple[str, str], tuple[float, float, float]]] = {}
     for env_id in config["envs"]:
         names = [learner["name"] for learner in config["learners"] if (env_id, learner["name"]) in finished]
