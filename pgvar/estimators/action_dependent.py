@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from pgvar._validation import check_finite
+from pgvar.estimators.control_variates import _is_concrete
 
 __all__ = ["FactorizedBaselineEstimate", "factorized_action_baseline", "other_action_dimensions"]
 
@@ -59,6 +60,9 @@ def factorized_action_baseline(
     for any ``b_k`` that does not depend on :math:`a_k` (see the module docstring); the caller must make sure
     it does not (for example by feeding :func:`other_action_dimensions`).
 
+    Works under :func:`torch.func.vmap` (the value checks are skipped there), so per-sample gradients of the
+    surrogate give the per-sample estimates.
+
     Gradient flow: ``learning_signals`` are detached (``adv_hat`` and ``baselines`` receive no gradient); the
     surrogate is differentiable in ``log_probs``.
 
@@ -84,7 +88,8 @@ def factorized_action_baseline(
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{name} must be a floating-point torch.Tensor, got {got}")
-        check_finite(name, tensor.detach())
+        if _is_concrete(tensor):
+            check_finite(name, tensor.detach())
     if log_probs.dim() < 1:
         raise ValueError(f"log_probs must have shape [..., K] (one entry per action dimension), got {tuple(log_probs.shape)}")
     if baselines.shape != log_probs.shape:
@@ -107,7 +112,7 @@ def factorized_action_baseline(
                 f"{mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             )
             raise ValueError(f"mask must be a bool tensor of shape {tuple(adv_hat.shape)} (like adv_hat), got {found}")
-        if not bool(mask.any()):
+        if _is_concrete(mask) and not bool(mask.any()):
             raise ValueError("mask must select at least one sample, got an all-False mask")
         surrogate = per_sample[mask].mean()
     return FactorizedBaselineEstimate(learning_signals=signals, surrogate=surrogate)
