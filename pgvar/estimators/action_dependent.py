@@ -91,7 +91,9 @@ def factorized_action_baseline(
         if _is_concrete(tensor):
             check_finite(name, tensor.detach())
     if log_probs.dim() < 1:
-        raise ValueError(f"log_probs must have shape [..., K] (one entry per action dimension), got {tuple(log_probs.shape)}")
+        raise ValueError(
+            f"log_probs must have shape [..., K] (one entry per action dimension), got {tuple(log_probs.shape)}"
+        )
     if baselines.shape != log_probs.shape:
         raise ValueError(
             f"baselines must have the shape of log_probs {tuple(log_probs.shape)} (one b_k per action dimension), "
@@ -109,9 +111,13 @@ def factorized_action_baseline(
     else:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != adv_hat.shape:
             found = (
-                f"{mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                f"{mask.dtype}, shape {tuple(mask.shape)}"
+                if isinstance(mask, torch.Tensor)
+                else type(mask).__name__
             )
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(adv_hat.shape)} (like adv_hat), got {found}")
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(adv_hat.shape)} (like adv_hat), got {found}"
+            )
         if _is_concrete(mask) and not bool(mask.any()):
             raise ValueError("mask must select at least one sample, got an all-False mask")
         surrogate = per_sample[mask].mean()
@@ -133,7 +139,9 @@ def other_action_dimensions(actions: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(actions, torch.Tensor) or actions.dim() < 1 or actions.shape[-1] < 2:
         got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
-        raise ValueError(f"actions must be a tensor of shape [..., K] with K >= 2 action dimensions, got {got}")
+        raise ValueError(
+            f"actions must be a tensor of shape [..., K] with K >= 2 action dimensions, got {got}"
+        )
     k = actions.shape[-1]
     index = torch.tensor([[j for j in range(k) if j != i] for i in range(k)], device=actions.device)
     return actions[..., index]

@@ -285,7 +285,11 @@ def horizon_aware_value_loss(
     if mask is None:
         return errors.mean()
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != v0.shape:
-        got = f"{mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        got = (
+            f"{mask.dtype}, shape {tuple(mask.shape)}"
+            if isinstance(mask, torch.Tensor)
+            else type(mask).__name__
+        )
         raise ValueError(f"mask must be a bool tensor of shape {tuple(v0.shape)} (like v0), got {got}")
     if not bool(mask.any()):
         raise ValueError("mask must select at least one sample, got an all-False mask")

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Cockpit's ``MeanGSNR`` stabilization constant (added to each coordinate's variance).
-DEFAULT_GSNR_EPSILON = 1e-5
+_COCKPIT_GSNR_EPSILON = 1e-5
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,9 @@ def norm_test(statistics: GradientStatistics, *, theta: float = 0.9) -> NormTest
     )
 
 
-def per_coordinate_gsnr(mean: Tensor, second_moment: Tensor, *, epsilon: float = DEFAULT_GSNR_EPSILON) -> Tensor:
+def per_coordinate_gsnr(
+    mean: Tensor, second_moment: Tensor, *, epsilon: float = _COCKPIT_GSNR_EPSILON
+) -> Tensor:
     """Return each coordinate's gradient signal-to-noise ratio ``m_j^2 / (Var_j + epsilon)`` (``[P]``, float64).
 
     .. math::  \\mathrm{GSNR}_j = \\frac{m_j^2}{\\overline{G^2_j} - m_j^2 + \\epsilon}, \\qquad
@@ -308,7 +310,7 @@ def per_coordinate_gsnr(mean: Tensor, second_moment: Tensor, *, epsilon: float =
     return torch.where(m_sq == 0, torch.zeros_like(m_sq), m_sq / variance)
 
 
-def mean_gsnr(per_sample_grads: GradientLike, *, epsilon: float = DEFAULT_GSNR_EPSILON) -> float:
+def mean_gsnr(per_sample_grads: GradientLike, *, epsilon: float = _COCKPIT_GSNR_EPSILON) -> float:
     """Return the gradient signal-to-noise ratio averaged over coordinates (Cockpit's ``MeanGSNR``).
 
     .. math::  \\overline{\\mathrm{GSNR}} = \\frac1P \\sum_j \\frac{m_j^2}{\\overline{G^2_j} - m_j^2 + \\epsilon}
@@ -345,7 +347,9 @@ def _ratio(numerator: float, denominator: float) -> float:
 def _mean_of_sq_norms(name: str, value: Tensor | float) -> float:
     tensor = value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=torch.float64)
     if not tensor.is_floating_point() or tensor.numel() == 0:
-        raise ValueError(f"{name} must be a float or a non-empty floating tensor of squared norms, got {value!r}")
+        raise ValueError(
+            f"{name} must be a float or a non-empty floating tensor of squared norms, got {value!r}"
+        )
     check_finite(name, tensor)
     if bool((tensor < 0).any()):
         raise ValueError(f"{name} must be >= 0 (squared norms), got minimum {float(tensor.min())}")
@@ -368,7 +372,11 @@ def _first_two_moments(per_sample_grads: GradientLike) -> tuple[Tensor, Tensor]:
     elif isinstance(per_sample_grads, Tensor) and per_sample_grads.dim() == 2:
         blocks, n = [per_sample_grads], per_sample_grads.shape[0]
     else:
-        got = tuple(per_sample_grads.shape) if isinstance(per_sample_grads, Tensor) else type(per_sample_grads).__name__
+        got = (
+            tuple(per_sample_grads.shape)
+            if isinstance(per_sample_grads, Tensor)
+            else type(per_sample_grads).__name__
+        )
         raise ValueError(f"per_sample_grads must be a [N, P] tensor or a dict name -> [N, *shape], got {got}")
     if n < 1:
         raise ValueError("per_sample_grads must hold at least one sample, got N = 0")

@@ -195,7 +195,9 @@ def trust_region_diagnostics(
         max_ratio=float(max_importance_ratio(log_w, zeros)),
         kl_k1=float(behaviour_kl(log_w, zeros, estimator="k1")),
         kl_k3=float(behaviour_kl(log_w, zeros, estimator="k3")),
-        clip_fraction=None if clip_range is None else float(clip_fraction(log_w, zeros, clip_range=clip_range)),
+        clip_fraction=None
+        if clip_range is None
+        else float(clip_fraction(log_w, zeros, clip_range=clip_range)),
     )
 
 

@@ -17,7 +17,9 @@ from tests.problems.test_problem_unbiasedness import bonferroni_threshold
 N_SAMPLES = 20_000
 
 
-def per_dimension_log_probs(params: dict[str, torch.Tensor], s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def per_dimension_log_probs(
+    params: dict[str, torch.Tensor], s: torch.Tensor, a: torch.Tensor
+) -> torch.Tensor:
     """log N(a_k; (W s + b)_k, sigma_k^2) for each action dimension k: ``[..., K]`` (the bandit's log_prob summed)."""
     mean = s @ params["weight"].T + params["bias"]
     z = (a - mean) * torch.exp(-params["log_std"])
@@ -155,8 +157,14 @@ def test_other_action_dimensions():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: factorized_action_baseline(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 3)), "baselines must"),
-        (lambda: factorized_action_baseline(torch.zeros(3, 2), torch.zeros(2), torch.zeros(3, 2)), "adv_hat must"),
+        (
+            lambda: factorized_action_baseline(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 3)),
+            "baselines must",
+        ),
+        (
+            lambda: factorized_action_baseline(torch.zeros(3, 2), torch.zeros(2), torch.zeros(3, 2)),
+            "adv_hat must",
+        ),
         (
             lambda: factorized_action_baseline(
                 torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), mask=torch.zeros(3, dtype=torch.bool)
@@ -164,7 +172,9 @@ def test_other_action_dimensions():
             "at least one sample",
         ),
         (
-            lambda: factorized_action_baseline(torch.zeros(3, 2), torch.tensor([0.0, math.nan, 0.0]), torch.zeros(3, 2)),
+            lambda: factorized_action_baseline(
+                torch.zeros(3, 2), torch.tensor([0.0, math.nan, 0.0]), torch.zeros(3, 2)
+            ),
             "adv_hat must be finite",
         ),
         (lambda: other_action_dimensions(torch.zeros(3, 1)), "K >= 2"),

@@ -94,16 +94,16 @@ def test_horizon_aware_value_is_exact_on_constant_reward_chain(gamma, dtype):
     c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     chain = constant_reward_chain(c, horizon, n_envs=5, length=23, dtype=dtype)
     states, t = chain["states"], chain["timesteps"]
-    true_values = (c[states] * time_to_go_factor(t, horizon=horizon, gamma=gamma, dtype=torch.float64)).to(dtype)
+    true_values = (c[states] * time_to_go_factor(t, horizon=horizon, gamma=gamma, dtype=torch.float64)).to(
+        dtype
+    )
     zeros = torch.zeros(states.shape, dtype=dtype)
     r_bar = c[states].to(dtype)
     values = horizon_aware_values(zeros, r_bar, t, horizon=horizon, gamma=gamma)
     assert values.shape == (23, 5) and values.dtype == dtype
     assert torch.allclose(values, true_values)
     # The successor keeps its state (or is reset at the horizon, where the value is never used).
-    next_values = horizon_aware_values(
-        zeros, r_bar, chain["next_timesteps"], horizon=horizon, gamma=gamma
-    )
+    next_values = horizon_aware_values(zeros, r_bar, chain["next_timesteps"], horizon=horizon, gamma=gamma)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     mc = horizon_aware_value_targets(
         chain["rewards"], chain["terminated"], chain["truncated"], t,
@@ -142,7 +142,10 @@ def test_least_squares_recovers_the_heads_and_a_state_only_value_cannot_fit(gamm
     assert torch.allclose(heads[:n_states], torch.zeros(n_states, dtype=torch.float64), atol=1e-8)
     assert torch.allclose(heads[n_states:], c, atol=1e-8)
     v0, r_bar = heads[:n_states][states], heads[n_states:][states]
-    assert float(horizon_aware_value_loss(v0, r_bar, targets, t.reshape(-1), horizon=horizon, gamma=gamma)) < 1e-14
+    assert (
+        float(horizon_aware_value_loss(v0, r_bar, targets, t.reshape(-1), horizon=horizon, gamma=gamma))
+        < 1e-14
+    )
     state_only = torch.linalg.lstsq(one_hot, targets.unsqueeze(1)).solution.squeeze(1)
     residual = float((one_hot @ state_only - targets).square().mean())
     assert residual > 0.1 * float(targets.var()), residual
@@ -246,7 +249,9 @@ def test_targets_and_values_reject_bad_arguments():
     with pytest.raises(ValueError, match="r_bar must have shape"):
         horizon_aware_values(torch.zeros(2), torch.zeros(3), torch.zeros(2), horizon=3, gamma=0.9)
     with pytest.raises(ValueError, match="v0 must be a floating-point"):
-        horizon_aware_values(torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2), horizon=3, gamma=0.9)
+        horizon_aware_values(
+            torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2), horizon=3, gamma=0.9
+        )
     with pytest.raises(ValueError, match="mask must select at least one sample"):
         horizon_aware_value_loss(
             torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), horizon=3, gamma=0.9,

@@ -79,7 +79,9 @@ def test_ess_is_stable_for_extreme_ratios():
     assert float(effective_sample_size(new, old, normalized=False)) == pytest.approx(2.0)
     # A sample the new policy gives probability 0 has w = 0: it counts as no sample.
     new_zero = torch.tensor([0.0, 0.0, -math.inf], dtype=torch.float64)
-    assert float(effective_sample_size(new_zero, torch.zeros(3, dtype=torch.float64), normalized=False)) == 2.0
+    assert (
+        float(effective_sample_size(new_zero, torch.zeros(3, dtype=torch.float64), normalized=False)) == 2.0
+    )
 
 
 def test_detached_and_float64():
@@ -102,7 +104,9 @@ def test_monte_carlo_against_exact_gaussian_values():
     tends to 1 / E_mu[w^2] (closed form; E_mu[w^4] is finite, so its estimate has a finite variance)."""
     m0, s0, m1, s1 = 0.0, 1.0, 0.3, 0.9
     exact_kl = math.log(s1 / s0) + (s0**2 + (m0 - m1) ** 2) / (2 * s1**2) - 0.5
-    second_moment = s0**2 / (s1 * math.sqrt(2 * s0**2 - s1**2)) * math.exp((m1 - m0) ** 2 / (2 * s0**2 - s1**2))
+    second_moment = (
+        s0**2 / (s1 * math.sqrt(2 * s0**2 - s1**2)) * math.exp((m1 - m0) ** 2 / (2 * s0**2 - s1**2))
+    )
     repeats, n = 40, 5000
     g = torch.Generator().manual_seed(3)
     samples = m0 + s0 * torch.randn(repeats, n, generator=g, dtype=torch.float64)
@@ -110,11 +114,19 @@ def test_monte_carlo_against_exact_gaussian_values():
     for estimator in ("k1", "k3"):
         values = torch.stack([behaviour_kl(new[r], old[r], estimator=estimator) for r in range(repeats)])
         se = float(values.std()) / math.sqrt(repeats)
-        assert abs(float(values.mean()) - exact_kl) < K_SE * se, (estimator, float(values.mean()), exact_kl, se)
+        assert abs(float(values.mean()) - exact_kl) < K_SE * se, (
+            estimator,
+            float(values.mean()),
+            exact_kl,
+            se,
+        )
     ess = torch.stack([effective_sample_size(new[r], old[r]) for r in range(repeats)])
     se = float(ess.std()) / math.sqrt(repeats)
     # The ratio estimator's O(1/n) bias is far below the tolerance at n = 5000.
-    assert abs(float(ess.mean()) - 1 / second_moment) < K_SE * se + 1e-3, (float(ess.mean()), 1 / second_moment)
+    assert abs(float(ess.mean()) - 1 / second_moment) < K_SE * se + 1e-3, (
+        float(ess.mean()),
+        1 / second_moment,
+    )
     # k3 is nonnegative sample by sample; k1 is not.
     per_sample_k3 = torch.expm1(new - old) - (new - old)
     assert bool((per_sample_k3 >= 0).all()) and bool(((old - new) < 0).any())
