@@ -4,6 +4,11 @@ Every function takes time-major ``[T, N]`` tensors where time matters, states it
 docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
 """
 
+from pgvar.estimators.action_dependent import (
+    FactorizedBaselineEstimate,
+    factorized_action_baseline,
+    other_action_dimensions,
+)
 from pgvar.estimators.baselines import batch_mean_baseline, optimal_constant_baseline
 from pgvar.estimators.control_variates import (
     QPROP_ETA_RULES,
@@ -19,6 +24,13 @@ from pgvar.estimators.control_variates import (
     qprop_eta,
     qprop_learning_signal,
     qprop_normalize,
+)
+from pgvar.estimators.horizon import (
+    horizon_aware_value_loss,
+    horizon_aware_value_targets,
+    horizon_aware_values,
+    horizon_episode_flags,
+    time_to_go_factor,
 )
 from pgvar.estimators.normalization import NORMALIZATION_MODES, normalize_advantages
 from pgvar.estimators.returns import discounted_returns, gae_advantages, td_lambda_returns
@@ -62,4 +74,12 @@ __all__ = [
     "soft_q_targets",
     "soft_value",
     "td_lambda_returns",
+    "FactorizedBaselineEstimate",
+    "factorized_action_baseline",
+    "horizon_aware_value_loss",
+    "horizon_aware_value_targets",
+    "horizon_aware_values",
+    "horizon_episode_flags",
+    "other_action_dimensions",
+    "time_to_go_factor",
 ]

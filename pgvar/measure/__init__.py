@@ -8,6 +8,16 @@ Imports torch only; works on any ``nn.Module``, including a plain SB3 policy (pa
 from __future__ import annotations
 
 from pgvar.measure.decomposition import VarianceDecomposition, variance_decomposition
+from pgvar.measure.noise_scale import (
+    NoiseScale,
+    NormTest,
+    gradient_noise_scale,
+    gradient_noise_scale_two_batch,
+    gradient_statistics_from_sq_norms,
+    mean_gsnr,
+    norm_test,
+    per_coordinate_gsnr,
+)
 from pgvar.measure.per_sample import (
     DEFAULT_STREAMING_MEMORY_BYTES,
     flat_names,
@@ -25,6 +35,15 @@ from pgvar.measure.statistics import (
     gradient_statistics_from_norms,
     gradient_statistics_streaming,
     pairwise_cosine,
+)
+from pgvar.measure.trust_region import (
+    KL_ESTIMATORS,
+    TrustRegionDiagnostics,
+    behaviour_kl,
+    clip_fraction,
+    effective_sample_size,
+    max_importance_ratio,
+    trust_region_diagnostics,
 )
 
 __all__ = [
@@ -44,4 +63,19 @@ __all__ = [
     "per_sample_gradients",
     "variance_decomposition",
     "unflatten",
+    "KL_ESTIMATORS",
+    "NoiseScale",
+    "NormTest",
+    "TrustRegionDiagnostics",
+    "behaviour_kl",
+    "clip_fraction",
+    "effective_sample_size",
+    "gradient_noise_scale",
+    "gradient_noise_scale_two_batch",
+    "gradient_statistics_from_sq_norms",
+    "max_importance_ratio",
+    "mean_gsnr",
+    "norm_test",
+    "per_coordinate_gsnr",
+    "trust_region_diagnostics",
 ]
