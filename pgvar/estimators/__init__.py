@@ -2,6 +2,21 @@
 
 Every function takes time-major ``[T, N]`` tensors where time matters, states its formula and reference in its
 docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
+
+One input rule for every function of this package:
+
+* **Arrays**: a tensor argument may be a ``torch.Tensor`` or a numpy array; arrays are converted with
+  ``torch.as_tensor`` (no copy) and the result is a tensor. Anything else (a list, a number where a tensor is
+  expected) raises ``ValueError``.
+* **dtypes**: float64, float32, float16 and bfloat16. Where precision matters (the return recursions and the
+  standardization) 16-bit inputs are computed in float32 and the result is cast back to the input's dtype.
+* **Masks** are bool tensors of the documented shape that select at least one entry. An integer or float 0/1
+  mask raises ``TypeError``: used to index, it would select elements 0 and 1 instead of the entries marked 1.
+* **Log-probabilities** (``log_probs``, ``ref_log_probs``) must be normalized over the action axis
+  (``logsumexp`` = 0 within the dtype's rounding): logits or probabilities raise ``ValueError``.
+* Checks that read values (finite, 0/1, normalized) are skipped inside ``torch.func`` transforms.
+
+The checks themselves live in ``pgvar._validation``, shared with the other layers.
 """
 
 from pgvar.estimators.action_dependent import (
@@ -17,7 +32,6 @@ from pgvar.estimators.control_variates import (
     AllActionControlVariate,
     QPropNormalized,
     all_action_control_variate,
-    default_crossfit_folds,
     qprop_action_variance,
     qprop_control_variate,
     qprop_correction_surrogate,
@@ -56,7 +70,6 @@ __all__ = [
     "all_action_control_variate",
     "batch_mean_baseline",
     "boltzmann_log_probs",
-    "default_crossfit_folds",
     "discounted_returns",
     "entropy_regularized_pg_loss",
     "gae_advantages",

@@ -27,8 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from pgvar._validation import check_finite
-from pgvar.estimators.control_variates import _is_concrete
+from pgvar._validation import check_finite, is_concrete
 
 __all__ = ["FactorizedBaselineEstimate", "factorized_action_baseline", "other_action_dimensions"]
 
@@ -88,7 +87,7 @@ def factorized_action_baseline(
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{name} must be a floating-point torch.Tensor, got {got}")
-        if _is_concrete(tensor):
+        if is_concrete(tensor):
             check_finite(name, tensor.detach())
     if log_probs.dim() < 1:
         raise ValueError(
@@ -118,7 +117,7 @@ def factorized_action_baseline(
             raise ValueError(
                 f"mask must be a bool tensor of shape {tuple(adv_hat.shape)} (like adv_hat), got {found}"
             )
-        if _is_concrete(mask) and not bool(mask.any()):
+        if is_concrete(mask) and not bool(mask.any()):
             raise ValueError("mask must select at least one sample, got an all-False mask")
         surrogate = per_sample[mask].mean()
     return FactorizedBaselineEstimate(learning_signals=signals, surrogate=surrogate)

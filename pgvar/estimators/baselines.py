@@ -9,19 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from pgvar._validation import check_finite
+from pgvar._validation import check_float_tensor, check_mask
 
 __all__ = ["batch_mean_baseline", "optimal_constant_baseline"]
-
-
-def _check_mask(mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if mask.shape != shape:
-        raise ValueError(f"mask must have the shape of returns {tuple(shape)}, got {tuple(mask.shape)}")
-    if not bool(mask.any()):
-        raise ValueError("mask must select at least one sample, got an all-False mask")
-    return mask
 
 
 def batch_mean_baseline(returns: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,8 +31,8 @@ def batch_mean_baseline(returns: torch.Tensor, mask: torch.Tensor | None = None)
     >>> batch_mean_baseline(torch.tensor([1.0, 2.0, 6.0]))
     tensor(3.)
     """
-    check_finite("returns", returns)
-    mask = _check_mask(mask, returns.shape)
+    returns = check_float_tensor("returns", returns)
+    mask = check_mask("mask", mask, returns.shape)
     if returns.numel() == 0:
         raise ValueError("returns must hold at least one sample, got an empty tensor")
     return returns.mean() if mask is None else returns[mask].mean()
@@ -82,8 +72,8 @@ def optimal_constant_baseline(
     >>> optimal_constant_baseline(G, torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
     tensor([2., 3.])
     """
-    check_finite("returns", returns)
-    check_finite("score_sq_norms", score_sq_norms)
+    returns = check_float_tensor("returns", returns)
+    score_sq_norms = check_float_tensor("score_sq_norms", score_sq_norms)
     per_coordinate = score_sq_norms.dim() == returns.dim() + 1
     if score_sq_norms.shape[: returns.dim()] != returns.shape or not (
         per_coordinate or score_sq_norms.dim() == returns.dim()
@@ -94,7 +84,7 @@ def optimal_constant_baseline(
         )
     if bool((score_sq_norms < 0).any()):
         raise ValueError("score_sq_norms must be >= 0 (squared norms), got a negative entry")
-    mask = _check_mask(mask, returns.shape)
+    mask = check_mask("mask", mask, returns.shape)
     if mask is not None:
         returns, score_sq_norms = returns[mask], score_sq_norms[mask]
     weighted = score_sq_norms * (returns.unsqueeze(-1) if per_coordinate else returns)

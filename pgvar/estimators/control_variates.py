@@ -44,11 +44,24 @@ them as a constant: the caller freezes its parameters (the surrogates detach the
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from pgvar._validation import check_choice, check_finite, check_positive
+from pgvar._validation import (
+    as_tensor,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_mask,
+    check_nonnegative,
+    check_positive,
+    check_same_shape,
+    is_concrete,
+    working_dtype,
+)
 
 __all__ = [
     "QPROP_ETA_RULES",
@@ -57,7 +70,6 @@ __all__ = [
     "AllActionControlVariate",
     "QPropNormalized",
     "all_action_control_variate",
-    "default_crossfit_folds",
     "qprop_action_variance",
     "qprop_control_variate",
     "qprop_correction_surrogate",
@@ -94,46 +106,6 @@ class AllActionControlVariate(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _is_concrete(tensor: torch.Tensor) -> bool:
-    """False inside ``torch.func`` transforms (vmap/grad), where checks that read tensor values cannot run."""
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return is_wrapped is None or not bool(is_wrapped(tensor))
-
-
-def _check_float(name: str, tensor: object, what: str = "[...]") -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(
-            f"{name} must be a floating-point torch.Tensor of shape {what}, got {type(tensor).__name__}"
-        )
-    if not tensor.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor of shape {what}, got dtype {tensor.dtype}")
-    if _is_concrete(tensor):
-        check_finite(name, tensor)
-    return tensor
-
-
-def _check_same_shape(name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
-    if tensor.shape != reference.shape:
-        raise ValueError(
-            f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, got {tuple(tensor.shape)}"
-        )
-
-
-def _check_mask(mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != shape:
-        got = (
-            f"dtype {mask.dtype}, shape {tuple(mask.shape)}"
-            if isinstance(mask, torch.Tensor)
-            else type(mask).__name__
-        )
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(shape)}, got {got}")
-    if _is_concrete(mask) and not bool(mask.any()):
-        raise ValueError("mask must select at least one sample, got an all-False mask")
-    return mask
-
-
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return values.mean()
@@ -143,7 +115,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 def _check_eta(eta: torch.Tensor | float, like: torch.Tensor, like_name: str) -> torch.Tensor:
     """``eta`` as a detached tensor of ``like``'s dtype: a scalar or a tensor of ``like``'s shape."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, torch.Tensor)):
+    if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (numbers.Real, torch.Tensor, np.ndarray)):
         raise ValueError(
             f"eta must be a number or a tensor of shape {tuple(like.shape)}, got {type(eta).__name__}"
         )
@@ -153,18 +125,19 @@ def _check_eta(eta: torch.Tensor | float, like: torch.Tensor, like_name: str) ->
             f"eta must be a scalar or have the shape of {like_name} {tuple(like.shape)}, "
             f"got shape {tuple(eta_tensor.shape)}"
         )
-    if _is_concrete(eta_tensor):
+    if is_concrete(eta_tensor):
         check_finite("eta", eta_tensor)
     return eta_tensor.detach()
 
 
 def _check_box_actions(name: str, tensor: object) -> torch.Tensor:
-    if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
+    tensor = as_tensor(name, tensor, " of continuous (Box) actions [..., d_a]")
+    if not tensor.is_floating_point():
         raise ValueError(
             f"{name} must be a floating-point tensor of continuous (Box) actions [..., d_a], got dtype "
             f"{tensor.dtype}; for Discrete actions use all_action_control_variate"
         )
-    tensor = _check_float(name, tensor, "[..., d_a]")
+    tensor = check_float_tensor(name, tensor, "[..., d_a]")
     if tensor.dim() < 1 or tensor.shape[-1] < 1:
         raise ValueError(
             f"{name} must have a trailing action axis [..., d_a] with d_a >= 1 (keep it for d_a = 1), "
@@ -209,11 +182,11 @@ def qprop_control_variate(
     >>> qprop_control_variate(grad_q, torch.tensor([[0.5, 1.0]]), torch.tensor([[0.0, 0.5]]))  # 0.5 - 1.0
     tensor([-0.5000])
     """
-    grad_q_at_mean = _check_float("grad_q_at_mean", grad_q_at_mean, "[..., d_a]")
+    grad_q_at_mean = check_float_tensor("grad_q_at_mean", grad_q_at_mean, "[..., d_a]")
     actions = _check_box_actions("actions", actions)
     mean_actions = _check_box_actions("mean_actions", mean_actions)
-    _check_same_shape("grad_q_at_mean", grad_q_at_mean, "actions", actions)
-    _check_same_shape("mean_actions", mean_actions, "actions", actions)
+    check_same_shape("grad_q_at_mean", grad_q_at_mean, "actions", actions)
+    check_same_shape("mean_actions", mean_actions, "actions", actions)
     return ((actions.detach() - mean_actions.detach()) * grad_q_at_mean.detach()).sum(-1)
 
 
@@ -241,8 +214,8 @@ def qprop_action_variance(grad_q_at_mean: torch.Tensor, std: torch.Tensor) -> to
     >>> qprop_action_variance(torch.tensor([[1.0, -2.0]]), torch.tensor([0.5, 0.1]))  # 0.25 + 0.04
     tensor([0.2900])
     """
-    grad_q_at_mean = _check_float("grad_q_at_mean", grad_q_at_mean, "[..., d_a]")
-    std = _check_float("std", std, "[..., d_a]")
+    grad_q_at_mean = check_float_tensor("grad_q_at_mean", grad_q_at_mean, "[..., d_a]")
+    std = check_float_tensor("std", std, "[..., d_a]")
     if grad_q_at_mean.dim() < 1:
         raise ValueError(
             f"grad_q_at_mean must have a trailing action axis [..., d_a], got shape {tuple(grad_q_at_mean.shape)}"
@@ -256,7 +229,7 @@ def qprop_action_variance(grad_q_at_mean: torch.Tensor, std: torch.Tensor) -> to
             f"std must broadcast to the shape of grad_q_at_mean {tuple(grad_q_at_mean.shape)}, "
             f"got shape {tuple(std.shape)}"
         )
-    if _is_concrete(std) and bool((std < 0).any()):
+    if is_concrete(std) and bool((std < 0).any()):
         raise ValueError(f"std must be >= 0 (standard deviations), got a minimum of {float(std.min())}")
     return (grad_q_at_mean.detach().square() * std.detach().square()).sum(-1)
 
@@ -347,14 +320,14 @@ def qprop_eta(
     """
     check_choice("rule", rule, QPROP_ETA_RULES)
     check_choice("scope", scope, QPROP_ETA_SCOPES)
-    adv_hat = _check_float("adv_hat", adv_hat)
-    adv_bar = _check_float("adv_bar", adv_bar)
-    _check_same_shape("adv_bar", adv_bar, "adv_hat", adv_hat)
-    mask = _check_mask(mask, adv_hat.shape)
+    adv_hat = check_float_tensor("adv_hat", adv_hat)
+    adv_bar = check_float_tensor("adv_bar", adv_bar)
+    check_same_shape("adv_bar", adv_bar, "adv_hat", adv_hat)
+    mask = check_mask("mask", mask, adv_hat.shape)
     if action_variance is not None:
-        action_variance = _check_float("action_variance", action_variance)
-        _check_same_shape("action_variance", action_variance, "adv_hat", adv_hat)
-        if _is_concrete(action_variance) and bool((action_variance < 0).any()):
+        action_variance = check_float_tensor("action_variance", action_variance)
+        check_same_shape("action_variance", action_variance, "adv_hat", adv_hat)
+        if is_concrete(action_variance) and bool((action_variance < 0).any()):
             raise ValueError(
                 f"action_variance must be >= 0 (a variance), got a minimum of {float(action_variance.min())}"
             )
@@ -390,16 +363,16 @@ def qprop_eta(
     return torch.where(variance > 0, covariance / safe, torch.zeros_like(covariance))
 
 
-def default_crossfit_folds(shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+def _default_crossfit_folds(shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
     """Two folds for :func:`qprop_eta`'s ``scope="crossfit"``: halves of the environments, else halves of time.
 
     With ``shape = [T, N]`` and ``N >= 2`` the fold of a sample is ``n * 2 // N`` (environments ``0 .. N/2 - 1``
     against the rest: independent streams); otherwise ``t * 2 // T`` along the first dimension.
 
-    >>> default_crossfit_folds((2, 4))
+    >>> _default_crossfit_folds((2, 4))
     tensor([[0, 0, 1, 1],
             [0, 0, 1, 1]])
-    >>> default_crossfit_folds((5,))
+    >>> _default_crossfit_folds((5,))
     tensor([0, 0, 0, 1, 1])
     """
     shape = tuple(shape)
@@ -421,22 +394,22 @@ def _fold_membership(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[K, *like.shape]`` fold membership of every sample, and the same restricted to real samples (float)."""
     if folds is None:
-        folds = default_crossfit_folds(like.shape, like.device)
+        folds = _default_crossfit_folds(like.shape, like.device)
     else:
         if not isinstance(folds, torch.Tensor) or folds.dtype.is_floating_point or folds.dtype == torch.bool:
             raise TypeError(
                 f"folds must be an integer tensor of fold indices, got "
                 f"{folds.dtype if isinstance(folds, torch.Tensor) else type(folds).__name__}"
             )
-        _check_same_shape("folds", folds, "adv_hat", like)
-    n_folds = int(folds.max()) + 1 if _is_concrete(folds) else 2
-    if _is_concrete(folds) and (int(folds.min()) < 0 or n_folds < 2):
+        check_same_shape("folds", folds, "adv_hat", like)
+    n_folds = int(folds.max()) + 1 if is_concrete(folds) else 2
+    if is_concrete(folds) and (int(folds.min()) < 0 or n_folds < 2):
         raise ValueError(
             f"folds must hold indices in [0, K) with K >= 2 folds, got values in [{int(folds.min())}, {n_folds - 1}]"
         )
     membership = folds.unsqueeze(0) == torch.arange(n_folds, device=like.device).reshape(-1, *([1] * like.dim()))
     weights = (membership if mask is None else membership & mask.unsqueeze(0)).to(like.dtype)
-    if _is_concrete(weights):
+    if is_concrete(weights):
         counts = weights.flatten(1).sum(1)
         if bool((counts.sum() - counts == 0).any()):
             raise ValueError(
@@ -481,9 +454,9 @@ def qprop_learning_signal(
     >>> qprop_learning_signal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([1.0, 0.0]))
     tensor([ 0.5000, -2.0000])
     """
-    adv_hat = _check_float("adv_hat", adv_hat)
-    adv_bar = _check_float("adv_bar", adv_bar)
-    _check_same_shape("adv_bar", adv_bar, "adv_hat", adv_hat)
+    adv_hat = check_float_tensor("adv_hat", adv_hat)
+    adv_bar = check_float_tensor("adv_bar", adv_bar)
+    check_same_shape("adv_bar", adv_bar, "adv_hat", adv_hat)
     eta_tensor = _check_eta(eta, adv_hat, "adv_hat")
     return adv_hat.detach() - eta_tensor * adv_bar.detach()
 
@@ -529,9 +502,9 @@ def qprop_correction_surrogate(
     >>> torch.autograd.grad(surrogate, theta)  # mean of -2 (mu - 1) * s = (1 + 0) / 2
     (tensor([0.5000]),)
     """
-    q_at_policy_mean = _check_float("q_at_policy_mean", q_at_policy_mean)
+    q_at_policy_mean = check_float_tensor("q_at_policy_mean", q_at_policy_mean)
     eta_tensor = _check_eta(eta, q_at_policy_mean, "q_at_policy_mean")
-    mask = _check_mask(mask, q_at_policy_mean.shape)
+    mask = check_mask("mask", mask, q_at_policy_mean.shape)
     return _masked_mean(eta_tensor * q_at_policy_mean, mask)
 
 
@@ -597,12 +570,11 @@ def qprop_normalize(
     tensor(0.5000)
     """
     check_choice("mode", mode, QPROP_NORMALIZATION_MODES)
-    learning_signal = _check_float("learning_signal", learning_signal)
+    learning_signal = check_float_tensor("learning_signal", learning_signal)
     eta_tensor = _check_eta(eta, learning_signal, "learning_signal")
-    mask = _check_mask(mask, learning_signal.shape)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    signal = learning_signal.detach()
+    mask = check_mask("mask", mask, learning_signal.shape)
+    eps = check_nonnegative("eps", eps)
+    signal = learning_signal.detach().to(working_dtype(learning_signal.dtype))  # 16-bit floats: in float32
     if signal_std is not None:
         if isinstance(signal_std, torch.Tensor):
             if signal_std.numel() != 1:
@@ -612,12 +584,12 @@ def qprop_normalize(
             signal_std = float(signal_std)
         check_positive("signal_std", signal_std)
     if mode == "none":
-        return QPropNormalized(signal.clone(), eta_tensor.clone())
+        return QPropNormalized(learning_signal.detach().clone(), eta_tensor.clone())
     selected = signal if mask is None else signal[mask]
     if (
         selected.numel() <= 1 and signal_std is None
     ):  # (A - mean) / std is 0 / 0; normalize_advantages skips it too
-        return QPropNormalized(signal.clone(), eta_tensor.clone())
+        return QPropNormalized(learning_signal.detach().clone(), eta_tensor.clone())
     scale = torch.as_tensor(
         signal_std if signal_std is not None else selected.std() + eps,
         dtype=signal.dtype,
@@ -626,7 +598,9 @@ def qprop_normalize(
     normalized = (signal - selected.mean()) / scale
     if mask is not None:
         normalized = torch.where(mask, normalized, signal)
-    return QPropNormalized(normalized, eta_tensor / scale if mode == "consistent" else eta_tensor.clone())
+    dtype = learning_signal.dtype
+    eta_out = (eta_tensor.to(scale.dtype) / scale).to(dtype) if mode == "consistent" else eta_tensor.clone()
+    return QPropNormalized(normalized.to(dtype), eta_out)
 
 
 # ------------------------------------------------------------------------------------------------ discrete
@@ -679,27 +653,27 @@ def all_action_control_variate(
     >>> torch.autograd.grad(out.surrogate, logits)  # pi (Q - E_pi Q)
     (tensor([[-0.5000,  0.5000]]),)
     """
-    q_values = _check_float("q_values", q_values, "[..., A]")
-    if isinstance(actions, torch.Tensor) and actions.is_floating_point():
+    q_values = check_float_tensor("q_values", q_values, "[..., A]")
+    actions = as_tensor("actions", actions, " of Discrete action indices [...]")
+    if actions.is_floating_point():
         raise ValueError(
             f"actions must be an integer tensor of Discrete action indices [...], got dtype {actions.dtype}; "
             "for continuous (Box) actions use qprop_control_variate"
         )
-    if not isinstance(actions, torch.Tensor) or actions.dtype == torch.bool:
-        got = actions.dtype if isinstance(actions, torch.Tensor) else type(actions).__name__
-        raise ValueError(f"actions must be an integer tensor of Discrete action indices [...], got {got}")
+    if actions.dtype == torch.bool:
+        raise ValueError(f"actions must be an integer tensor of Discrete action indices [...], got {actions.dtype}")
     if q_values.dim() < 1 or q_values.shape[:-1] != actions.shape:
         raise ValueError(
             f"q_values must have shape actions.shape + (A,) = {tuple(actions.shape)} + (A,), got "
             f"{tuple(q_values.shape)}"
         )
     n_actions = q_values.shape[-1]
-    probs_or_logits = _check_float("probs_or_logits", probs_or_logits, "[..., A]")
-    _check_same_shape("probs_or_logits", probs_or_logits, "q_values", q_values)
-    adv_hat = _check_float("adv_hat", adv_hat)
-    _check_same_shape("adv_hat", adv_hat, "actions", actions)
-    mask = _check_mask(mask, actions.shape)
-    if _is_concrete(actions) and actions.numel() > 0 and bool(((actions < 0) | (actions >= n_actions)).any()):
+    probs_or_logits = check_float_tensor("probs_or_logits", probs_or_logits, "[..., A]")
+    check_same_shape("probs_or_logits", probs_or_logits, "q_values", q_values)
+    adv_hat = check_float_tensor("adv_hat", adv_hat)
+    check_same_shape("adv_hat", adv_hat, "actions", actions)
+    mask = check_mask("mask", mask, actions.shape)
+    if is_concrete(actions) and actions.numel() > 0 and bool(((actions < 0) | (actions >= n_actions)).any()):
         raise ValueError(
             f"actions must be indices in [0, {n_actions}) (A = q_values.shape[-1]), got values in "
             f"[{int(actions.min())}, {int(actions.max())}]"
@@ -708,7 +682,7 @@ def all_action_control_variate(
         probs = torch.softmax(probs_or_logits, dim=-1)
     else:
         probs = probs_or_logits
-        if _is_concrete(probs) and probs.numel() > 0:
+        if is_concrete(probs) and probs.numel() > 0:
             tol = 1e-9 if probs.dtype == torch.float64 else 1e-5
             total = probs.detach().sum(-1)
             if bool((probs < 0).any()) or not bool(((total - 1).abs() <= tol * n_actions).all()):

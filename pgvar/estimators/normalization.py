@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pgvar._validation import check_choice, check_finite
+from pgvar._validation import check_choice, check_eps, check_float_tensor, check_mask, working_dtype
 
 __all__ = ["NORMALIZATION_MODES", "normalize_advantages"]
 
@@ -40,7 +40,8 @@ def normalize_advantages(
 
     with the mean and the (Bessel-corrected, as in SB3) standard deviation taken over the whole batch
     (``"batch"``) or over each minibatch (``"minibatch"``, SB3 PPO's default); ``"none"`` returns the input.
-    A group of one element is returned unchanged instead of :math:`0/0`.
+    A group of one element is returned unchanged instead of :math:`0/0`. float16 and bfloat16 advantages are
+    normalized in float32 and returned in their own dtype (``eps = 1e-8`` is 0 in float16).
 
     ``"batch"`` and ``"minibatch"`` compute the same statistic over the tensor they are given and differ in
     where an algorithm calls them: once on the rollout, or on every minibatch. To normalize a full rollout
@@ -51,8 +52,8 @@ def normalize_advantages(
     :param mode: ``"minibatch"``, ``"batch"`` or ``"none"``
     :param minibatch_indices: with ``"minibatch"``, the minibatches as index tensors into the flattened input
     :param mask: bool tensor of ``advantages``' shape; statistics use only ``True`` entries, and the others are
-        returned unchanged (padding)
-    :param eps: added to the standard deviation
+        returned unchanged (padding). An integer 0/1 mask is a ``TypeError``.
+    :param eps: added to the standard deviation; a finite number > 0
     :return: a new tensor of ``advantages``' shape
 
     Reference: SB3 ``PPO.train`` (advantage normalization, GH #485, #762); Tucker et al. (2018),
@@ -64,20 +65,19 @@ def normalize_advantages(
     tensor([5.])
     """
     check_choice("mode", mode, NORMALIZATION_MODES)
-    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
-        raise ValueError(f"advantages must be a floating-point torch.Tensor, got {type(advantages).__name__}")
-    check_finite("advantages", advantages)
+    advantages = check_float_tensor("advantages", advantages)
     if minibatch_indices is not None and mode != "minibatch":
         raise ValueError(f"minibatch_indices is only allowed with mode='minibatch', got mode={mode!r}")
-    if mask is not None and mask.shape != advantages.shape:
-        raise ValueError(f"mask must have the shape of advantages {tuple(advantages.shape)}, got {tuple(mask.shape)}")
+    mask = check_mask("mask", mask, advantages.shape)
+    compute_dtype = working_dtype(advantages.dtype)
+    eps = check_eps("eps", eps, compute_dtype)
     if mode == "none":
         return advantages.clone()
-    flat = advantages.reshape(-1).clone()
+    flat = advantages.reshape(-1).to(compute_dtype, copy=True)
     valid = None if mask is None else mask.reshape(-1)
     groups = [torch.arange(flat.numel(), device=flat.device)] if minibatch_indices is None else minibatch_indices
     for group in groups:
         if valid is not None:
             group = group[valid[group]]
         flat[group] = _standardize(flat[group], eps)
-    return flat.reshape(advantages.shape)
+    return flat.reshape(advantages.shape).to(advantages.dtype)

@@ -41,7 +41,20 @@ from typing import NamedTuple
 
 import torch
 
-from pgvar._validation import check_finite, check_positive, check_shape, check_time_major, check_unit_interval
+from pgvar._validation import (
+    as_tensor,
+    check_finite,
+    check_float_tensor,
+    check_log_normalized,
+    check_mask,
+    check_nonnegative,
+    check_positive,
+    check_shape,
+    check_time_major,
+    check_unit_interval,
+    check_zero_one_flags,
+    is_concrete,
+)
 from pgvar.estimators.returns import gae_advantages
 
 __all__ = [
@@ -56,20 +69,11 @@ __all__ = [
 ]
 
 
-def _is_concrete(tensor: torch.Tensor) -> bool:
-    """False inside ``torch.func`` transforms (vmap/grad), where checks that read tensor values cannot run."""
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return is_wrapped is None or not bool(is_wrapped(tensor))
-
-
-def _check_tau(tau: float) -> float:
-    return float(check_positive("tau", tau))
-
-
 def _check_action_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 1:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be a floating-point tensor of shape [*, A] (A actions), got {shape}")
+    """``tensor`` (numpy accepted) as a floating-point ``[*, A]`` tensor with ``A >= 1``; values are not checked."""
+    tensor = check_float_tensor(name, tensor, "[*, A] (A actions)", finite=False)
+    if tensor.dim() < 1:
+        raise ValueError(f"{name} must be a floating-point tensor of shape [*, A] (A actions), got shape ()")
     if tensor.shape[-1] < 1:
         raise ValueError(
             f"{name} must have at least one action on its last axis, got shape {tuple(tensor.shape)}"
@@ -89,11 +93,7 @@ def _reference_log_probs(
     if ref_log_probs is None:
         return None
     n_actions = like.shape[-1]
-    if not isinstance(ref_log_probs, torch.Tensor):
-        raise ValueError(
-            f"{name} must be None (uniform) or a tensor of log-probabilities over the {n_actions} actions, "
-            f"got {type(ref_log_probs).__name__}"
-        )
+    ref_log_probs = as_tensor(name, ref_log_probs, f" of log-probabilities over the {n_actions} actions, or None")
     if ref_log_probs.dim() < 1 or ref_log_probs.shape[-1] != n_actions:
         raise ValueError(
             f"{name} must have the {n_actions} actions on its last axis (shape [A] or broadcastable to "
@@ -106,22 +106,12 @@ def _reference_log_probs(
             f"{name} of shape {tuple(ref_log_probs.shape)} does not broadcast to {tuple(like.shape)}"
         ) from None
     ref = ref_log_probs.to(like.dtype)
-    if _is_concrete(ref):
-        if not bool(torch.isfinite(ref).all()):
-            raise ValueError(
-                f"{name} must be finite: every action needs a reference probability > 0 (a zero makes the "
-                f"KL of a softmax policy infinite), got {ref_log_probs}"
-            )
-        total = torch.logsumexp(ref, dim=-1)
-        tol = 1e-9 if ref.dtype == torch.float64 else 1e-4
-        if not bool((total.abs() <= tol).all()):
-            worst = total.abs().max().item()
-            raise ValueError(
-                f"{name} must be the log of a probability distribution over the {n_actions} actions "
-                f"(probabilities summing to 1), but exp({name}) sums to {math.exp(worst):.6g} or "
-                f"{math.exp(-worst):.6g} (|log-sum| up to {worst:.3g}, tolerance {tol:g})"
-            )
-    return ref
+    if is_concrete(ref) and not bool(torch.isfinite(ref).all()):
+        raise ValueError(
+            f"{name} must be finite: every action needs a reference probability > 0 (a zero makes the "
+            f"KL of a softmax policy infinite), got {ref_log_probs}"
+        )
+    return check_log_normalized(name, ref)
 
 
 def soft_value(q_values: torch.Tensor, tau: float, ref_log_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,8 +136,8 @@ def soft_value(q_values: torch.Tensor, tau: float, ref_log_probs: torch.Tensor |
     >>> soft_value(q, tau=1.0)  # log((1 + e) / 2) and 2
     tensor([0.6201, 2.0000], dtype=torch.float64)
     """
-    tau = _check_tau(tau)
-    _check_action_tensor("q_values", q_values)
+    tau = float(check_positive("tau", tau))
+    q_values = _check_action_tensor("q_values", q_values)
     ref = _reference_log_probs(ref_log_probs, q_values)
     scaled = q_values / tau
     if ref is None:
@@ -180,8 +170,8 @@ def boltzmann_log_probs(
     >>> boltzmann_log_probs(q, tau=1.0, ref_log_probs=ref).exp()  # 0.9 : 0.1 e
     tensor([0.7680, 0.2320], dtype=torch.float64)
     """
-    tau = _check_tau(tau)
-    _check_action_tensor("q_values", q_values)
+    tau = float(check_positive("tau", tau))
+    q_values = _check_action_tensor("q_values", q_values)
     ref = _reference_log_probs(ref_log_probs, q_values)
     logits = q_values / tau if ref is None else q_values / tau + ref
     return torch.log_softmax(logits, dim=-1)
@@ -197,7 +187,8 @@ def kl_to_reference(log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None 
     \\log(\\pi/\\bar\\pi)]`. Actions with probability 0 contribute 0. Reference: Schulman, Chen, Abbeel 2017,
     arXiv:1704.06440, Sec. 3 (the regularizer of the return).
 
-    :param log_probs: ``[*, A]`` log-probabilities of the policy
+    :param log_probs: ``[*, A]`` log-probabilities of the policy: ``logsumexp`` over the actions must be 0
+        (within a tolerance of the dtype), so logits or probabilities raise ``ValueError``
     :param ref_log_probs: ``log pi_ref`` broadcastable to ``[*, A]``; ``None`` = uniform
     :return: ``[*]`` KL divergences (>= 0)
 
@@ -207,24 +198,13 @@ def kl_to_reference(log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None 
     >>> kl_to_reference(torch.tensor([1.0, 0.0], dtype=torch.float64).log())  # log 2
     tensor(0.6931, dtype=torch.float64)
     """
-    _check_action_tensor("log_probs", log_probs)
+    log_probs = check_log_normalized("log_probs", _check_action_tensor("log_probs", log_probs))
     ref = _reference_log_probs(ref_log_probs, log_probs)
     probs = log_probs.exp()
     ref_term = -math.log(log_probs.shape[-1]) if ref is None else ref
     # xlogy-style: 0 * (-inf) terms are 0.
     log_ratio = torch.where(probs > 0, log_probs - ref_term, torch.zeros_like(log_probs))
     return (probs * log_ratio).sum(dim=-1)
-
-
-def _done_flags(name: str, flags: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if flags is None:
-        return torch.zeros_like(like)
-    check_shape(name, flags, like.shape)
-    if flags.dtype == torch.bool:
-        return flags.to(like.dtype)
-    if _is_concrete(flags) and not bool(((flags == 0) | (flags == 1)).all()):
-        raise ValueError(f"{name} must hold only 0/1 (or booleans), got values {flags.unique().tolist()[:5]}")
-    return flags.to(like.dtype)
 
 
 def kl_regularized_n_step_advantages(
@@ -284,15 +264,15 @@ def kl_regularized_n_step_advantages(
             [0.7500],
             [0.5000]], dtype=torch.float64)
     """
-    check_time_major("rewards", rewards)
+    rewards = check_time_major("rewards", rewards)
     shape = rewards.shape
-    for name, tensor in (("kls", kls), ("values", values), ("next_values", next_values)):
-        check_shape(name, tensor, shape)
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    kls, values, next_values = (
+        check_float_tensor(name, check_shape(name, tensor, shape), "[T, N]", finite=False)
+        for name, tensor in (("kls", kls), ("values", values), ("next_values", next_values))
+    )
     gamma = check_unit_interval("gamma", gamma)
     gae_lambda = check_unit_interval("gae_lambda", gae_lambda)
-    tau = _check_tau(tau)
+    tau = float(check_positive("tau", tau))
     n_steps = shape[0]
     if n_step is not None:
         n_step = int(check_positive("n_step", n_step, integer=True))
@@ -303,8 +283,8 @@ def kl_regularized_n_step_advantages(
     check_finite("rewards", rewards)
     check_finite("kls", kls)
     check_finite("values", values)
-    not_terminated = 1.0 - _done_flags("terminated", terminated, rewards)
-    not_done = not_terminated * (1.0 - _done_flags("truncated", truncated, rewards))
+    not_terminated = 1.0 - check_zero_one_flags("terminated", terminated, rewards)
+    not_done = not_terminated * (1.0 - check_zero_one_flags("truncated", truncated, rewards))
     # A terminal next state has no value: zero it rather than multiply, so a non-finite placeholder is harmless.
     bootstrap = torch.where(not_terminated > 0, next_values, torch.zeros_like(next_values))
     check_finite("next_values (where not terminated)", bootstrap)
@@ -351,8 +331,10 @@ def soft_q_targets(
     >>> soft_q_targets(torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0]), tau=0.1)
     tensor([3.0500])
     """
-    tau = _check_tau(tau)
-    check_shape("kls", kls, values.shape)
+    tau = float(check_positive("tau", tau))
+    values = as_tensor("values", values)
+    kls = check_shape("kls", kls, values.shape, like="values")
+    advantages = as_tensor("advantages", advantages)
     base = (values + tau * kls).detach()
     if advantages.dim() == values.dim() + 1:
         check_shape("advantages", advantages, (*values.shape, advantages.shape[-1]))
@@ -360,15 +342,6 @@ def soft_q_targets(
     else:
         check_shape("advantages", advantages, values.shape)
     return base + advantages.detach()
-
-
-def _check_mask(mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    check_shape("mask", mask, shape)
-    if _is_concrete(mask) and not bool(mask.any()):
-        raise ValueError("mask must select at least one entry, got an all-false mask")
-    return mask
 
 
 def _masked_mean(terms: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -379,17 +352,13 @@ def _masked_mean(terms: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 def _check_actions(actions: torch.Tensor, shape: torch.Size, n_actions: int) -> torch.Tensor:
-    if (
-        not isinstance(actions, torch.Tensor)
-        or actions.dtype.is_floating_point
-        or actions.dtype == torch.bool
-    ):
-        kind = actions.dtype if isinstance(actions, torch.Tensor) else type(actions).__name__
+    actions = as_tensor("actions", actions, f" of integer action indices with shape {tuple(shape)}")
+    if actions.dtype.is_floating_point or actions.dtype == torch.bool:
         raise ValueError(
-            f"actions must be an integer tensor of action indices with shape {tuple(shape)}, got {kind}"
+            f"actions must be an integer tensor of action indices with shape {tuple(shape)}, got {actions.dtype}"
         )
     check_shape("actions", actions, shape)
-    if _is_concrete(actions) and actions.numel() > 0:
+    if is_concrete(actions) and actions.numel() > 0:
         low, high = int(actions.min()), int(actions.max())
         if low < 0 or high >= n_actions:
             raise ValueError(f"actions must be in [0, {n_actions - 1}], got values in [{low}, {high}]")
@@ -397,9 +366,8 @@ def _check_actions(actions: torch.Tensor, shape: torch.Size, n_actions: int) -> 
 
 
 def _action_weights(action_weights: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    check_shape("action_weights", action_weights, shape)
-    weights = action_weights.detach()
-    if _is_concrete(weights):
+    weights = check_shape("action_weights", action_weights, shape).detach()
+    if is_concrete(weights):
         tol = 1e-9 if weights.dtype == torch.float64 else 1e-4
         if bool((weights < 0).any()) or not bool(((weights.sum(-1) - 1).abs() <= tol).all()):
             raise ValueError(
@@ -479,22 +447,19 @@ def entropy_regularized_pg_loss(
     >>> [round(float(x.detach()), 4) for x in out]  # policy -2 log 0.75; value 0.5 * 2**2; loss p + kl/2 + 2 v
     [4.6408, 0.5754, 0.1308, 2.0]
     """
-    tau = _check_tau(tau)
-    _check_action_tensor("log_probs", log_probs)
+    tau = float(check_positive("tau", tau))
+    log_probs = _check_action_tensor("log_probs", log_probs)
     lead, n_actions = log_probs.shape[:-1], log_probs.shape[-1]
-    check_shape("values", values, lead)
-    mask = _check_mask(mask, lead)
-    if value_coef is None:
-        value_coef = 1.0 / tau
-    elif isinstance(value_coef, bool) or not isinstance(value_coef, (int, float)) or not value_coef >= 0:
-        raise ValueError(f"value_coef must be a number >= 0 or None (= 1/tau), got {value_coef!r}")
+    values = check_shape("values", values, lead, like="log_probs without the action axis")
+    mask = check_mask("mask", mask, lead)
+    value_coef = 1.0 / tau if value_coef is None else check_nonnegative("value_coef", value_coef)
     kls = kl_to_reference(log_probs, ref_log_probs)
-    advantages = advantages.detach().to(log_probs.dtype)
+    advantages = as_tensor("advantages", advantages).detach().to(log_probs.dtype)
     value_targets_base = values.detach()
     if actions is not None:
         if action_weights is not None:
             raise ValueError("action_weights is only used when actions is None (enumerated actions)")
-        _check_actions(actions, lead, n_actions)
+        actions = _check_actions(actions, lead, n_actions)
         check_shape("advantages", advantages, lead)
         taken_log_probs = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
         policy_terms = -advantages * taken_log_probs
@@ -548,14 +513,14 @@ def soft_q_loss(
     >>> soft_q_loss(q, torch.tensor([1]), torch.tensor([2.0]))
     tensor(0.5000, grad_fn=<MeanBackward0>)
     """
-    _check_action_tensor("q_values", q_values)
+    q_values = _check_action_tensor("q_values", q_values)
     lead, n_actions = q_values.shape[:-1], q_values.shape[-1]
-    mask = _check_mask(mask, lead)
-    targets = targets.detach().to(q_values.dtype)
+    mask = check_mask("mask", mask, lead)
+    targets = as_tensor("targets", targets).detach().to(q_values.dtype)
     if actions is not None:
         if action_weights is not None:
             raise ValueError("action_weights is only used when actions is None (enumerated actions)")
-        _check_actions(actions, lead, n_actions)
+        actions = _check_actions(actions, lead, n_actions)
         check_shape("targets", targets, lead)
         taken_q = q_values.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
         terms = 0.5 * (taken_q - targets) ** 2

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pgvar._validation import check_finite
+from pgvar._validation import check_choice, check_float_tensor, check_same_shape
 
 __all__ = ["VarianceDecomposition", "variance_decomposition"]
 
@@ -122,11 +122,14 @@ def variance_decomposition(
         reduces the estimate's noise, not its mean); default the first of ``baselines``, else ``"none"``
     :return: a :class:`VarianceDecomposition`
     """
+    scores = check_float_tensor("scores", scores, "[S, P]")
+    returns = check_float_tensor("returns", returns, "[S, 2]")
+    fresh_scores = check_float_tensor("fresh_scores", fresh_scores, "[S, P]")
+    fresh_returns = check_float_tensor("fresh_returns", fresh_returns, "[S]")
     if scores.dim() != 2:
         raise ValueError(f"scores must be [S, P] (sampled states x parameters), got shape {tuple(scores.shape)}")
     n_states = scores.shape[0]
-    if fresh_scores.shape != scores.shape:
-        raise ValueError(f"fresh_scores must have the shape of scores {tuple(scores.shape)}, got {tuple(fresh_scores.shape)}")
+    check_same_shape("fresh_scores", fresh_scores, "scores", scores)
     if returns.shape != (n_states, 2):
         raise ValueError(
             f"returns must be [S, 2] (two independent returns after each sampled (s, a)), S={n_states}, "
@@ -134,13 +137,11 @@ def variance_decomposition(
         )
     if fresh_returns.shape != (n_states,):
         raise ValueError(f"fresh_returns must be [S] with S={n_states}, got shape {tuple(fresh_returns.shape)}")
-    for name, tensor in (("scores", scores), ("returns", returns), ("fresh_scores", fresh_scores),
-                         ("fresh_returns", fresh_returns)):  # fmt: skip
-        check_finite(name, tensor)
     named: dict[str, torch.Tensor] = {"none": torch.zeros(n_states, 3, dtype=returns.dtype, device=returns.device)}
     for name, values in (baselines or {}).items():
         if name == "none":
             raise ValueError('baselines must not contain "none": the zero baseline is always included')
+        values = check_float_tensor(f"baselines[{name!r}]", values, "[S] or [S, 3]")
         if values.shape == (n_states,):
             values = values[:, None].expand(n_states, 3)
         if values.shape != (n_states, 3):
@@ -148,12 +149,10 @@ def variance_decomposition(
                 f"baselines[{name!r}] must be [S] (a state baseline) or [S, 3] (values for the two returns at a and "
                 f"the return at a'), S={n_states}, got shape {tuple(values.shape)}"
             )
-        check_finite(f"baselines[{name!r}]", values)
         named[name] = values.to(returns.dtype)
     if state_baseline is None:
         state_baseline = next((name for name in named if name != "none"), "none")
-    if state_baseline not in named:
-        raise ValueError(f"state_baseline must be one of {sorted(named)}, got {state_baseline!r}")
+    check_choice("state_baseline", state_baseline, sorted(named))
 
     dtype = torch.float64  # products of returns and squared norms: accumulate in double
     sq_norms = scores.to(dtype).square().sum(dim=1)

@@ -33,6 +33,26 @@ __all__ = ["TabularMDP"]
 _DTYPE = torch.float64
 
 
+#: Largest default time limit: below the termination_prob this implies, pass ``max_episode_steps`` explicitly.
+_MAX_DEFAULT_STEPS = 100_000
+_TRUNCATION_BOUND = 1e-10
+
+
+def _default_time_limit(termination_prob: float) -> int:
+    """Steps after which an episode survives with probability at most 1e-10, or ``ValueError`` above 100,000."""
+    if termination_prob >= 1.0:
+        return 1
+    steps = math.log(_TRUNCATION_BOUND) / math.log1p(-termination_prob)
+    if steps > _MAX_DEFAULT_STEPS:
+        smallest = -math.expm1(math.log(_TRUNCATION_BOUND) / _MAX_DEFAULT_STEPS)
+        raise ValueError(
+            f"termination_prob must be in [{smallest:.3g}, 1] when max_episode_steps is None, got "
+            f"{termination_prob!r}: episodes would last about {1 / termination_prob:.3g} steps and the default "
+            f"time limit would be {steps:.3g} steps (> {_MAX_DEFAULT_STEPS:,}); pass max_episode_steps to allow it"
+        )
+    return math.ceil(steps)
+
+
 def _categorical_from_uniform(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: the first index whose cumulative probability exceeds ``u`` (``cdf`` is ``[..., K]``)."""
     return (cdf < uniforms.unsqueeze(-1)).sum(-1).clamp_max(cdf.shape[-1] - 1)
@@ -62,7 +82,8 @@ class TabularMDP(gym.Env):
     :param n_states: number of states ``S`` (> 0)
     :param n_actions: number of actions ``A`` (> 0)
     :param gamma: discount factor in ``[0, 1]``
-    :param termination_prob: smallest per-step termination probability, in ``(0, 1]``
+    :param termination_prob: smallest per-step termination probability, in ``(0, 1]`` (at least about
+        ``2.3e-4`` without ``max_episode_steps``, so that the default time limit stays <= 100,000 steps)
     :param seed: seed of the random MDP
     :param max_episode_steps: time limit after which an episode is truncated (``None``: see above)
 
@@ -93,16 +114,10 @@ class TabularMDP(gym.Env):
         self.n_states = int(check_positive("n_states", n_states, integer=True))
         self.n_actions = int(check_positive("n_actions", n_actions, integer=True))
         self.gamma = check_unit_interval("gamma", gamma)
-        termination_prob = check_unit_interval("termination_prob", termination_prob)
-        if termination_prob <= 0.0:
-            raise ValueError(
-                f"termination_prob must be in (0, 1] so that episodes end, got {termination_prob!r}"
-            )
+        termination_prob = check_unit_interval("termination_prob", termination_prob, open_low=True)
         self.termination_prob = termination_prob
         if max_episode_steps is None:
-            max_episode_steps = (
-                1 if termination_prob >= 1.0 else math.ceil(math.log(1e-10) / math.log1p(-termination_prob))
-            )
+            max_episode_steps = _default_time_limit(termination_prob)
         self.max_episode_steps = int(check_positive("max_episode_steps", max_episode_steps, integer=True))
         self.problem_seed = seed
 

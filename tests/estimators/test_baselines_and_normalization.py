@@ -103,3 +103,46 @@ def test_normalization_bad_input():
         normalize_advantages(torch.ones(3), "batch", minibatch_indices=[torch.arange(3)])
     with pytest.raises(ValueError, match="advantages must be finite"):
         normalize_advantages(torch.tensor([1.0, float("inf")]))
+
+
+# ------------------------------------------------------------------------- issue 11.4: silent wrong results
+def test_an_integer_mask_is_a_type_error_not_indices():
+    """``batch_mean_baseline([1, 2, 6, 100], mask=[1, 1, 1, 0])`` used to index elements 1 and 0: 1.75, not 3."""
+    returns = torch.tensor([1.0, 2.0, 6.0, 100.0])
+    int_mask = torch.tensor([1, 1, 1, 0])
+    for call in (
+        lambda m: batch_mean_baseline(returns, m),
+        lambda m: optimal_constant_baseline(returns, torch.ones(4), m),
+        lambda m: normalize_advantages(returns, "batch", mask=m),
+    ):
+        for bad in (int_mask, int_mask.double(), int_mask.to(torch.uint8)):
+            with pytest.raises(TypeError, match=r"mask must be a bool tensor .*pass mask.bool\(\)"):
+                call(bad)
+    assert batch_mean_baseline(returns, int_mask.bool()) == 3.0
+    assert optimal_constant_baseline(returns, torch.ones(4), int_mask.bool()) == 3.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_advantages_with_zero_spread_stay_finite(dtype):
+    """eps = 1e-8 is 0 in float16, so std + eps was 0 and (A - mean) / 0 NaN."""
+    out = normalize_advantages(torch.full((6,), 3.0, dtype=dtype))
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.zeros(6, dtype=dtype))
+    spread = normalize_advantages(torch.tensor([1.0, 2.0, 3.0], dtype=dtype))
+    torch.testing.assert_close(spread, torch.tensor([-1.0, 0.0, 1.0], dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "eps,message",
+    [
+        (-1.0, r"eps must be a number > 0, got -1.0"),
+        (0.0, r"eps must be a number > 0, got 0.0"),
+        (float("nan"), r"eps must be a number > 0"),
+        (float("inf"), r"eps must be a finite number > 0"),
+        ("1e-8", r"eps must be a number > 0"),
+        (1e-50, r"eps must be a number > 0 that torch.float32 can represent"),
+    ],
+)
+def test_eps_is_validated(eps, message):
+    with pytest.raises(ValueError, match=message):
+        normalize_advantages(torch.tensor([1.0, 2.0, 3.0]), eps=eps)

@@ -582,3 +582,19 @@ def test_constants_list_the_allowed_names():
     assert QPROP_ETA_RULES == ("fixed", "conservative", "aggressive", "adaptive")
     assert QPROP_ETA_SCOPES == ("crossfit", "batch", "sample")
     assert QPROP_NORMALIZATION_MODES == ("consistent", "as_published", "none")
+
+
+def test_every_mask_argument_is_bool_only():
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    for mask in (torch.tensor([1, 1, 0]), torch.tensor([1.0, 1.0, 0.0])):
+        for call in (
+            lambda m: qprop_eta(x, x, "conservative", mask=m),
+            lambda m: qprop_correction_surrogate(x, 1.0, mask=m),
+            lambda m: qprop_normalize(x, 1.0, mask=m),
+            lambda m: all_action_control_variate(
+                torch.zeros(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64), torch.tensor([0, 1, 0]), x,
+                from_logits=True, mask=m,
+            ),
+        ):
+            with pytest.raises(TypeError, match=r"mask must be a bool tensor.*pass mask.bool\(\)"):
+                call(mask)

@@ -170,3 +170,30 @@ def test_bad_tensors_raise_naming_the_argument():
     inf_values[0, 0] = float("inf")
     with pytest.raises(ValueError, match="values must be finite"):
         gae_advantages(rewards, inf_values, next_values, terminated, truncated, **kw)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["numpy-loop", "autograd"])
+@pytest.mark.parametrize("fn", ["discounted_returns", "gae_advantages", "td_lambda_returns"])
+def test_overflow_in_a_later_episode_leaves_earlier_episodes_finite(fn, requires_grad):
+    """A later episode whose return overflows to inf must not turn an earlier, finished one into NaN (0 * inf)."""
+    big = torch.finfo(torch.float32).max / 2
+    rewards = torch.tensor([[1.0], [1.0], [big], [big], [big]], requires_grad=requires_grad)
+    terminated = torch.tensor([[0.0], [1.0], [0.0], [0.0], [0.0]])
+    zeros = torch.zeros(5, 1)
+    if fn == "discounted_returns":
+        out = discounted_returns(rewards, terminated, gamma=1.0)
+    else:
+        call = gae_advantages if fn == "gae_advantages" else td_lambda_returns
+        out = call(rewards, zeros, zeros, terminated, gamma=1.0, gae_lambda=1.0)
+    assert out[:2, 0].tolist() == [2.0, 1.0]  # the first episode, as if alone
+    assert bool(torch.isinf(out[2]).all())  # the overflow itself stays visible (3 x max/2)
+    if requires_grad:
+        (grad,) = torch.autograd.grad(out[:2].sum(), rewards)
+        assert grad[:, 0].tolist() == [1.0, 2.0, 0.0, 0.0, 0.0]
+
+
+def test_a_zero_discount_cuts_every_step_even_after_an_overflow():
+    big = torch.finfo(torch.float64).max
+    rewards = torch.tensor([[1.0], [big], [big]], dtype=torch.float64)
+    out = discounted_returns(rewards, torch.zeros(3, 1), gamma=0.0)
+    assert torch.equal(out, rewards)

@@ -573,3 +573,31 @@ def test_bad_input_raises_clear_value_errors():
         kl_regularized_n_step_advantages(r, r[:3], r, r, no_end, gamma=0.9, tau=1.0)
     with pytest.raises(ValueError, match="rewards"):
         kl_regularized_n_step_advantages(r + float("nan"), r, r, r, no_end, gamma=0.9, tau=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_logits_or_probabilities_as_log_probs_raise(dtype):
+    """Both used to be accepted silently (a KL of 28.6 from logits, 6.1 from probabilities)."""
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.0, 0.5, 0.3]], dtype=dtype)
+    probs = torch.softmax(logits, -1)
+    values, advantages, actions = torch.zeros(2, dtype=dtype), torch.ones(2, dtype=dtype), torch.tensor([0, 1])
+    for wrong, what in ((logits, "logits"), (probs, "probabilities")):
+        with pytest.raises(ValueError, match=r"log_probs must be the log of a probability distribution") as info:
+            kl_to_reference(wrong)
+        assert "logsumexp" in str(info.value) and "log_softmax" in str(info.value), what
+        with pytest.raises(ValueError, match=r"log_probs must be the log of a probability distribution"):
+            entropy_regularized_pg_loss(wrong, values, actions, advantages, tau=0.5)
+    # log-probabilities with zero-probability actions (-inf) are fine, and so is float32 round-off
+    masked = torch.log_softmax(logits.masked_fill(torch.tensor([[False, False, True]] * 2), -math.inf), -1)
+    assert bool(torch.isfinite(kl_to_reference(masked)).all())
+    entropy_regularized_pg_loss(torch.log_softmax(logits, -1), values, actions, advantages, tau=0.5)
+
+
+def test_every_mask_argument_is_bool_only():
+    log_pi = torch.log_softmax(torch.zeros(3, 2, dtype=F64), -1)
+    q, actions, zeros = torch.zeros(3, 2, dtype=F64), torch.tensor([0, 1, 0]), torch.zeros(3, dtype=F64)
+    for mask in (torch.tensor([1, 1, 0]), torch.tensor([1.0, 1.0, 0.0])):
+        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+            entropy_regularized_pg_loss(log_pi, zeros, actions, zeros, tau=1.0, mask=mask)
+        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+            soft_q_loss(q, actions, zeros, mask=mask)

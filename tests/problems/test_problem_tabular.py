@@ -184,3 +184,19 @@ def test_reset_rejects_a_bad_state_and_step_a_bad_action():
     mdp.reset(seed=0)
     with pytest.raises(ValueError, match="action"):
         mdp.step(2)
+
+
+@pytest.mark.parametrize("termination_prob", [1e-300, 1e-6, 2e-4])
+def test_a_vanishing_termination_prob_is_refused_instead_of_hanging(termination_prob):
+    """``TabularMDP(termination_prob=1e-300)`` made ``sample_episodes`` loop for about 2e301 steps."""
+    with pytest.raises(ValueError, match=r"termination_prob must be in \[0.00023, 1\] when max_episode_steps is None"):
+        TabularMDP(termination_prob=termination_prob)
+    mdp = TabularMDP(termination_prob=termination_prob, max_episode_steps=4)  # explicit time limit: allowed
+    batch = mdp.sample_episodes(mdp.initial_parameters(seed=0), 8, torch.Generator().manual_seed(0))
+    assert batch.horizon == 4
+
+
+def test_the_smallest_allowed_termination_prob_keeps_the_time_limit_bounded():
+    mdp = TabularMDP(termination_prob=2.31e-4)
+    assert mdp.max_episode_steps <= 100_000
+    assert (1 - mdp.termination_prob) ** mdp.max_episode_steps <= 1e-10
