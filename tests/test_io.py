@@ -10,7 +10,13 @@ import sys
 
 import pytest
 
-from pgvar._io import TEMP_MARKER, atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temp_files
+from pgvar._io import (
+    TEMP_MARKER,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_stale_temp_files,
+)
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits, symlinks and process ids")
 
