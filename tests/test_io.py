@@ -151,3 +151,19 @@ def test_stale_temp_files_of_dead_writers_are_removed_at_the_next_write(tmp_path
         running.wait()
     assert remove_stale_temp_files(path) == [live]
     assert temp_files(tmp_path) == [other.name]
+
+
+@posix_only
+def test_the_cli_writes_its_json_and_png_like_open_would(tmp_path):
+    from pgvar import cli
+
+    old_mask = os.umask(0o022)
+    try:
+        assert cli.main(["compare", "--problem", "bandit", "--n-batches", "4", "--batch-size", "4",
+                         "--output", str(tmp_path)]) == 0
+    finally:
+        os.umask(old_mask)
+    for name in ("compare_bandit_seed0.json", "compare_bandit_seed0.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name  # mkstemp's 0600 before
+    assert (tmp_path / "compare_bandit_seed0.png").read_bytes().startswith(b"\x89PNG")
+    assert temp_files(tmp_path) == []
