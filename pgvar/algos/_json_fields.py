@@ -148,7 +148,7 @@ def decode(value: Any, classes: Mapping[str, type]) -> Any:
         raise ValueError(f"a malformed {kind!r} entry ({type(error).__name__}: {error})") from None
     if kind == "class":
         name = value.get("name")
-        if name not in classes:
+        if not isinstance(name, str) or name not in classes:
             raise ValueError(
                 f"the class {name!r}, which is not one of the torch / stable-baselines3 / sb3-contrib / pgvar "
                 "classes a safe load may name (pass the class itself in custom_objects)"

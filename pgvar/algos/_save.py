@@ -228,8 +228,9 @@ def _pgvar_entry(model: Any, archive: io.BytesIO) -> dict[str, Any]:
 class SaveLoadMixin(_Base):
     """Atomic ``save``, checked ``load`` (file type, saving algorithm, optional pickle-free mode); see the module doc.
 
-    Goes first in the bases of a pgvar algorithm (before any mixin that changes the saved attributes and before the
-    SB3 class), e.g. ``class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO)``.
+    Goes before the SB3 class in the bases of a pgvar algorithm, e.g.
+    ``class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO)``; subclasses (``QPropPPO``) inherit
+    it. SB3's hooks (``_excluded_save_params``, ``_get_torch_save_params``) keep deciding what is saved.
     """
 
     def save(
@@ -304,7 +305,7 @@ class SaveLoadMixin(_Base):
             )
         if not allow_pickle:
             custom_objects = _pickle_free_objects(cls, path, data, meta, custom_objects)
-        return super().load(  # type: ignore[misc]
+        return super().load(
             path,
             env=env,
             device=device,
@@ -334,8 +335,8 @@ def _pickle_free_objects(
             f"{', '.join(needed)} are pickled, which allow_pickle=False refuses to load. Pass them in custom_objects, "
             "or load the file once with allow_pickle=True where you trust it and save it again with pgvar."
         )
-    fields = meta.get("fields") if isinstance(meta.get("fields"), dict) else {}
-    unencodable = meta.get("unencodable") if isinstance(meta.get("unencodable"), dict) else {}
+    fields: dict[str, Any] = meta["fields"] if isinstance(meta.get("fields"), dict) else {}
+    unencodable: dict[str, Any] = meta["unencodable"] if isinstance(meta.get("unencodable"), dict) else {}
     classes = allowed_classes(getattr(cls, "policy_aliases", {}).values())
     problems = []
     for key in needed:

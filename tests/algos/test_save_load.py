@@ -139,6 +139,12 @@ def test_save_and_load_through_file_objects():
     loaded = PPO.load(buffer)
     assert loaded.baseline == "none"
     assert_same_predictions(model, loaded, "CartPole-v1")
+    buffer.seek(0)
+    assert_same_predictions(model, PPO.load(buffer, allow_pickle=False), "CartPole-v1")
+    buffer.seek(0)
+    with pytest.raises(ValueError, match="holds a PPO model"):
+        A2C.load(buffer)
+    assert buffer.tell() == 0  # the checks leave the file object where they found it
 
 
 def test_a_save_that_fails_midway_leaves_the_existing_file_intact(tmp_path, monkeypatch):
