@@ -11,10 +11,10 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 
-__all__ = ["KLRegularizedDictRolloutBuffer", "KLRegularizedRolloutBuffer"]
+__all__ = ["KLRegularizedDictRolloutBuffer", "KLRegularizedRolloutBuffer", "KLRegularizedSignalMixin"]
 
 
-class _KLRegularizedSignalMixin:
+class KLRegularizedSignalMixin:
     """Puts the KL-regularized n-step advantages (and returns ``V + Delta``) in the buffer when SB3's
     ``collect_rollouts`` computes advantages, i.e. before ``callback.on_rollout_end()``: callbacks that read
     ``advantages`` (e.g. ``pgvar.callbacks.GradientVarianceCallback``) see the signal the update uses."""
@@ -42,9 +42,9 @@ class _KLRegularizedSignalMixin:
         self.signal_ready = True
 
 
-class KLRegularizedRolloutBuffer(_KLRegularizedSignalMixin, RolloutBuffer):
+class KLRegularizedRolloutBuffer(KLRegularizedSignalMixin, RolloutBuffer):
     """SB3's ``RolloutBuffer`` whose advantages are :class:`EntropyPG`/:class:`SoftQ`'s KL-regularized signal."""
 
 
-class KLRegularizedDictRolloutBuffer(_KLRegularizedSignalMixin, DictRolloutBuffer):
+class KLRegularizedDictRolloutBuffer(KLRegularizedSignalMixin, DictRolloutBuffer):
     """SB3's ``DictRolloutBuffer`` whose advantages are the KL-regularized signal (``Dict`` observations)."""

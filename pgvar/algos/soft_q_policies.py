@@ -1,7 +1,7 @@
 """The networks of :class:`~pgvar.algos.soft_q.EntropyPG` and :class:`~pgvar.algos.soft_q.SoftQ`.
 
 :class:`SoftQPolicy` (and its CNN / ``Dict``-observation variants) is a Q-network acting with its Boltzmann policy
-:math:`\\pi_Q \\propto \\bar\\pi\\, e^{Q/\\tau}`; ``_actor_critic_outputs`` reads an SB3 actor-critic as the dueling
+:math:`\\pi_Q \\propto \\bar\\pi\\, e^{Q/\\tau}`; ``actor_critic_soft_outputs`` reads an SB3 actor-critic as the dueling
 form :math:`Q = V + \\tau \\log(\\pi/\\bar\\pi)` (Schulman, Chen, Abbeel 2017, arXiv:1704.06440, Sec. 6.3). Both give
 :class:`SoftPolicyOutputs`: what the two losses need. Discrete action spaces only; the argument checks for the
 temperature's reference policy live here too.
@@ -34,7 +34,7 @@ __all__ = ["MultiInputSoftQPolicy", "SoftPolicyOutputs", "SoftQCnnPolicy", "Soft
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_discrete(owner: str, action_space: spaces.Space | None) -> None:
+def check_discrete_actions(owner: str, action_space: spaces.Space | None) -> None:
     if action_space is not None and not isinstance(action_space, spaces.Discrete):
         raise ValueError(
             f"{owner} supports only Discrete action spaces (gymnasium.spaces.Discrete: the soft value and the KL "
@@ -42,7 +42,7 @@ def _check_discrete(owner: str, action_space: spaces.Space | None) -> None:
         )
 
 
-def _check_ref_policy(ref_policy: Any, n_actions: int) -> tuple[float, ...] | None:
+def check_ref_policy(ref_policy: Any, n_actions: int) -> tuple[float, ...] | None:
     """``None`` (uniform) or the reference probabilities as a tuple: 1-D, ``n_actions`` long, finite, > 0, sum 1."""
     if ref_policy is None or (isinstance(ref_policy, str) and ref_policy == "uniform"):
         return None
@@ -75,7 +75,7 @@ def _check_ref_policy(ref_policy: Any, n_actions: int) -> tuple[float, ...] | No
     return tuple(float(p) for p in probs)
 
 
-def _ref_log_probs(ref_policy: tuple[float, ...] | None, device: th.device | str = "cpu") -> th.Tensor | None:
+def reference_log_probs(ref_policy: tuple[float, ...] | None, device: th.device | str = "cpu") -> th.Tensor | None:
     if ref_policy is None:
         return None
     log_probs = th.log(th.as_tensor(ref_policy, dtype=th.float64))
@@ -135,7 +135,7 @@ class SoftQPolicy(BasePolicy):
         tau: float = 1.0,
         ref_policy: Sequence[float] | None = None,
     ) -> None:
-        _check_discrete(type(self).__name__, action_space)
+        check_discrete_actions(type(self).__name__, action_space)
         if use_sde:
             raise ValueError(
                 "use_sde must be False: gSDE is for continuous actions, SoftQPolicy is discrete-only"
@@ -153,8 +153,8 @@ class SoftQPolicy(BasePolicy):
         )
         n_actions = int(action_space.n)  # type: ignore[attr-defined]
         self.tau = float(check_positive("tau", tau))
-        self.ref_policy = _check_ref_policy(ref_policy, n_actions)
-        self.register_buffer("ref_log_probs", _ref_log_probs(self.ref_policy), persistent=False)
+        self.ref_policy = check_ref_policy(ref_policy, n_actions)
+        self.register_buffer("ref_log_probs", reference_log_probs(self.ref_policy), persistent=False)
         if net_arch is None:
             net_arch = [] if features_extractor_class == NatureCNN else [64, 64]
         self.net_arch = list(net_arch)
@@ -265,7 +265,7 @@ class MultiInputSoftQPolicy(SoftQPolicy):
         )
 
 
-def _actor_critic_outputs(
+def actor_critic_soft_outputs(
     policy: ActorCriticPolicy, obs: PyTorchObs, tau: float, ref_log_probs: th.Tensor | None
 ) -> SoftPolicyOutputs:
     """Softmax policy and value head of an SB3 actor-critic; ``Q = V + tau (log pi - log pi_ref)`` derived."""
