@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
+from pgvar._io import atomic_write
 from pgvar.compare import (
     ESTIMATORS,
     PROBLEMS,
@@ -86,17 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: an existing file is never half-written."""
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write through :func:`pgvar._io.atomic_write` (an existing file is never half-written; a new one gets the mode
+    ``open()`` would give), creating the output folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, write)
 
 
 def render_table(result: ComparisonResult):
@@ -127,7 +122,7 @@ def render_table(result: ComparisonResult):
     return table
 
 
-def plot_comparison(result: ComparisonResult, path: str | os.PathLike[str]) -> None:
+def plot_comparison(result: ComparisonResult, path: str | os.PathLike[str] | IO[bytes]) -> None:
     """Two panels: gradient variance (log scale) and cosine to the exact gradient, per estimator."""
     import matplotlib
 
@@ -156,7 +151,7 @@ def plot_comparison(result: ComparisonResult, path: str | os.PathLike[str]) -> N
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=30)
     fig.suptitle(f"pgvar compare: {result.problem}, batch {result.batch_size}, {result.n_batches} batches")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -186,7 +181,7 @@ def render_env_table(result: EnvComparisonResult):
     return table
 
 
-def plot_env_comparison(result: EnvComparisonResult, path: str | os.PathLike[str]) -> None:
+def plot_env_comparison(result: EnvComparisonResult, path: str | os.PathLike[str] | IO[bytes]) -> None:
     """Grouped bars per baseline (one colour per normalization): debiased SNR and cosine to the reference."""
     import matplotlib
 
@@ -213,7 +208,7 @@ def plot_env_comparison(result: EnvComparisonResult, path: str | os.PathLike[str
     right.set_title("direction (higher is better)")
     right.set_ylim(min(0.0, min(r.cosine for r in result.estimators)), 1.0)
     fig.suptitle(f"pgvar compare: {result.env_id}, {result.n_batches} batches of {result.batch_steps} steps")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -283,11 +278,11 @@ def run_compare(args: argparse.Namespace) -> int:
         stem = args.output / f"compare_{args.problem}_seed{args.seed}"
         plot = plot_comparison
     json_path = stem.with_suffix(".json")
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
+    _atomic_write(json_path, lambda file: file.write(json.dumps(result.to_dict(), indent=2).encode()))
     console.print(f"numbers: {json_path}")
     if not args.no_plot:
         png_path = stem.with_suffix(".png")
-        _atomic_write(png_path, lambda tmp: plot(result, tmp + ".png") or os.replace(tmp + ".png", tmp))
+        _atomic_write(png_path, lambda file: plot(result, file))
         console.print(f"plot:    {png_path}")
     return 0
 

@@ -7,6 +7,7 @@
 """
 
 from pgvar.algos._mixin import OnPolicyEstimatorMixin
+from pgvar.algos._save import SaveLoadMixin
 from pgvar.algos.a2c import A2C
 from pgvar.algos.buffers import BASELINES, EstimatorDictRolloutBuffer, EstimatorRolloutBuffer
 from pgvar.algos.ppo import PPO
@@ -39,4 +40,5 @@ __all__ = [
     "EstimatorDictRolloutBuffer",
     "EstimatorRolloutBuffer",
     "OnPolicyEstimatorMixin",
+    "SaveLoadMixin",
 ]

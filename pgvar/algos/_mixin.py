@@ -1,4 +1,4 @@
-"""The one piece pgvar's on-policy algorithms share: estimator options, the rollout buffer, atomic save/load.
+"""The one piece pgvar's on-policy algorithms share: estimator options and the rollout buffer (save/load: ``_save``).
 
 :class:`OnPolicyEstimatorMixin` goes first in the bases of a subclass of an SB3 ``OnPolicyAlgorithm`` whose
 ``train()`` reads the advantages from ``self.rollout_buffer`` and the SB3 flag ``self.normalize_advantage``
@@ -19,11 +19,8 @@ A subclass's ``__init__`` calls :meth:`OnPolicyEstimatorMixin._init_estimator_op
 
 from __future__ import annotations
 
-import io
-import pathlib
 import warnings
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch as th
@@ -31,10 +28,8 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.preprocessing import preprocess_obs
-from stable_baselines3.common.type_aliases import GymEnv
 
 from pgvar._validation import check_choice, check_unit_interval
-from pgvar.algos._save import atomic_save, check_model_archive
 from pgvar.algos.buffers import (
     BASELINES,
     EstimatorBufferMixin,
@@ -52,8 +47,6 @@ else:
     _Base = object
 
 __all__ = ["OnPolicyEstimatorMixin", "advantage_normalization_mode", "is_actor_parameter"]
-
-SelfMixin = TypeVar("SelfMixin", bound="OnPolicyEstimatorMixin")
 
 #: Values ``normalize_advantage`` accepts: SB3's booleans (``True`` = per minibatch, ``False`` = none) and the modes.
 NORMALIZE_ADVANTAGE_VALUES = (True, False, *NORMALIZATION_MODES)
@@ -247,52 +240,3 @@ class OnPolicyEstimatorMixin(_Base):
         constant_baseline = getattr(self.rollout_buffer, "constant_baseline", None)
         if constant_baseline is not None:
             self.logger.record("pgvar/constant_baseline", constant_baseline)
-
-    # --------------------------------------------------------------------------------------- save/load
-    def save(
-        self,
-        path: str | pathlib.Path | io.BufferedIOBase,
-        exclude: Iterable[str] | None = None,
-        include: Iterable[str] | None = None,
-    ) -> None:
-        """Save the model like SB3 (same zip format, loadable by SB3), atomically.
-
-        The archive is written to a temporary file in the destination folder and moved over ``path`` with
-        ``os.replace``: a failure or a crash mid-save never leaves a broken file and never touches an existing
-        one. The new arguments (``baseline``, ``advantage_normalization``) are saved with the others.
-
-        :param path: path to the file (``.zip`` is appended when it has no suffix) or a file object
-        :param exclude: names of attributes not to save, in addition to the default ones
-        :param include: names of attributes to save even if they are excluded by default
-        """
-        parent_save = super().save
-        atomic_save(lambda file: parent_save(file, exclude=exclude, include=include), path)  # type: ignore[arg-type]
-
-    @classmethod
-    def load(
-        cls: type[SelfMixin],
-        path: str | pathlib.Path | io.BufferedIOBase,
-        env: GymEnv | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfMixin:
-        """Load a model saved by pgvar or by the stable-baselines3 class of the same algorithm.
-
-        A file from stable-baselines3 gets the default new arguments (``baseline="value"``, and the
-        normalization its ``normalize_advantage`` flag stands for). A file that is not such a zip archive
-        raises ``ValueError``. Arguments as in SB3's ``BaseAlgorithm.load``; ``kwargs`` may change ``baseline``
-        or ``normalize_advantage``.
-        """
-        check_model_archive(path)
-        return super().load(
-            path,
-            env=env,
-            device=device,
-            custom_objects=custom_objects,
-            print_system_info=print_system_info,
-            force_reset=force_reset,
-            **kwargs,
-        )

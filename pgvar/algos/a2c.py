@@ -11,11 +11,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from pgvar.algos._mixin import OnPolicyEstimatorMixin
+from pgvar.algos._save import SaveLoadMixin
 
 __all__ = ["A2C"]
 
 
-class A2C(OnPolicyEstimatorMixin, stable_baselines3.A2C):
+class A2C(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.A2C):
     """Advantage Actor-Critic, a drop-in replacement for :class:`stable_baselines3.A2C`.
 
     Change ``from stable_baselines3 import A2C`` to ``from pgvar import A2C``: with the default arguments the

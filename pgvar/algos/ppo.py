@@ -11,11 +11,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from pgvar.algos._mixin import OnPolicyEstimatorMixin
+from pgvar.algos._save import SaveLoadMixin
 
 __all__ = ["PPO"]
 
 
-class PPO(OnPolicyEstimatorMixin, stable_baselines3.PPO):
+class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO):
     """Proximal Policy Optimization (clip), a drop-in replacement for :class:`stable_baselines3.PPO`.
 
     Change ``from stable_baselines3 import PPO`` to ``from pgvar import PPO``: with the default arguments the

@@ -11,11 +11,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from pgvar.algos._mixin import OnPolicyEstimatorMixin
+from pgvar.algos._save import SaveLoadMixin
 
 __all__ = ["TRPO"]
 
 
-class TRPO(OnPolicyEstimatorMixin, sb3_contrib.TRPO):
+class TRPO(SaveLoadMixin, OnPolicyEstimatorMixin, sb3_contrib.TRPO):
     """Trust Region Policy Optimization, a drop-in replacement for :class:`sb3_contrib.TRPO`.
 
     Change ``from sb3_contrib import TRPO`` to ``from pgvar import TRPO``: with the default arguments the
