@@ -139,9 +139,10 @@ def test_training_by_hand_follows_the_autograd_path(make_short_env, cls, env_id)
         model = cls("MlpPolicy", make_short_env(env_id, 2, 10), n_steps=32, batch_size=32, seed=0, qprop_warmup_steps=64,
                     qprop_critic_batch_size=16, policy_kwargs={"net_arch": [16]},
                     qprop_critic_net_arch=[32, 32])  # fmt: skip
-        assert (model._critic_plain_layers() is not None) is True
+        assert model.qprop_critic.by_hand is True
         if not by_hand:
-            model._critic_plain_layers = lambda: None  # the autograd path
+            model.qprop_critic = model._make_qprop_critic(by_hand=False)  # the autograd path, same seed
+            assert model.qprop_critic.by_hand is False
         else:
             initial = [p.detach().clone() for p in model.critic.parameters()]
         model.learn(3 * 32 * 2)
