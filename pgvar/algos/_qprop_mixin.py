@@ -36,7 +36,6 @@ see the implementation notes in ``docs/modules/qprop.md``.
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import pathlib
@@ -57,6 +56,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.dqn.policies import QNetwork
 
 from pgvar._validation import check_choice, check_positive
+from pgvar.algos._replay_feed import ReplayFeed
 from pgvar.algos.buffers import (
     EstimatorDictRolloutBuffer,
     EstimatorRolloutBuffer,
@@ -91,38 +91,6 @@ __all__ = ["DEFAULT_CRITIC_NET_ARCH", "QPropMixin"]
 
 #: The official critic: two hidden layers of 100 ReLU units (rllab++ ``ContinuousMLPQFunction``).
 DEFAULT_CRITIC_NET_ARCH = (100, 100)
-
-
-# ------------------------------------------------------------------------------------------- replay feed
-class _ReplayFeed(BaseCallback):
-    """Wraps the callback given to ``collect_rollouts``: stores each transition in the replay buffer, then forwards.
-
-    ``collect_rollouts`` calls ``update_locals`` and ``on_step`` right after ``env.step`` and **before** it adds
-    ``gamma * V(final observation)`` to the rewards of truncated episodes (in place), so the rewards seen here
-    are the environment's.
-    """
-
-    def __init__(self, algorithm: QPropMixin, callback: BaseCallback) -> None:
-        super().__init__()
-        self.algorithm = algorithm
-        self.callback = callback
-
-    def on_rollout_start(self) -> None:
-        self.callback.on_rollout_start()
-
-    def update_locals(self, locals_: dict[str, Any]) -> None:
-        self.locals = locals_
-        self.callback.update_locals(locals_)
-
-    def on_step(self) -> bool:
-        self.algorithm._store_qprop_transition(self.locals)
-        return self.callback.on_step()
-
-    def on_rollout_end(self) -> None:
-        self.callback.on_rollout_end()
-
-    def _on_step(self) -> bool:  # pragma: no cover - on_step is overridden
-        return True
 
 
 def _flatten_time_major(array: np.ndarray, device: th.device) -> th.Tensor:
@@ -289,10 +257,8 @@ class QPropMixin(_Base):
         super()._setup_model()
         self._check_qprop_policy()
         self.qprop_critic = self._make_qprop_critic()
-        if saved_stream is not None:
-            self.qprop_critic.random_state = _random_state_from_json(saved_stream)
-        elif legacy_stream is not None:
-            self.qprop_critic.random_state = tuple(legacy_stream)
+        if saved_stream is not None or legacy_stream is not None:
+            self.qprop_critic.random_state = saved_stream if saved_stream is not None else legacy_stream
 
     def _make_qprop_critic(self, *, by_hand: bool = True) -> QPropCritic:
         """A new critic for this model (features extractor: a separate instance of the policy's class).
@@ -335,39 +301,8 @@ class QPropMixin(_Base):
     def collect_rollouts(self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int) -> bool:
         """SB3's ``collect_rollouts``; every transition also goes to the critic's replay buffer (raw reward, true
         next observation, ``TimeLimit.truncated`` kept apart from termination)."""
-        return super().collect_rollouts(env, _ReplayFeed(self, callback), rollout_buffer, n_rollout_steps)
-
-    def _store_qprop_transition(self, step_locals: dict[str, Any]) -> None:
-        """Add one vectorized step to the replay buffer, as SB3's ``OffPolicyAlgorithm._store_transition`` does.
-
-        Unnormalized observations and rewards (``VecNormalize`` normalizes them again when the critic samples),
-        the action the policy sampled (before clipping to the action bounds: the :math:`a` of
-        :math:`a - \\mu(s)`), and for finished episodes the final observation from
-        ``infos[i]["terminal_observation"]`` instead of the reset observation.
-        """
-        new_obs, rewards, dones, infos = (step_locals[key] for key in ("new_obs", "rewards", "dones", "infos"))
-        vec_normalize = self._vec_normalize_env
-        if vec_normalize is not None:
-            new_obs_ = vec_normalize.get_original_obs()
-            rewards_ = vec_normalize.get_original_reward()
-            last_obs = self._last_original_obs
-        else:
-            new_obs_, rewards_, last_obs = new_obs, rewards, self._last_obs
-        next_obs = copy.deepcopy(new_obs_)
-        for index, done in enumerate(dones):
-            terminal = infos[index].get("terminal_observation") if done else None
-            if terminal is None:
-                continue
-            if vec_normalize is not None:
-                terminal = vec_normalize.unnormalize_obs(terminal)
-            if isinstance(next_obs, dict):
-                for key in next_obs:
-                    next_obs[key][index] = terminal[key]
-            else:
-                next_obs[index] = terminal
-        self.replay_buffer.add(last_obs, next_obs, np.asarray(step_locals["actions"]), rewards_, dones, infos)  # type: ignore[arg-type]
-        if vec_normalize is not None:
-            self._last_original_obs = new_obs_
+        feed = ReplayFeed(self, self.qprop_critic.replay_buffer, callback)
+        return super().collect_rollouts(env, feed, rollout_buffer, n_rollout_steps)
 
     # ------------------------------------------------------------------------------------------- policy
     def _policy_distribution(self, observations: th.Tensor | TensorDict) -> Any:
@@ -575,7 +510,7 @@ class QPropMixin(_Base):
         """Save like the other pgvar models (SB3's zip, atomically), with the critic's networks, its optimizer and
         the state of its replay stream (JSON in the zip's ``data``); not the replay buffer: :meth:`save_replay_buffer`.
         """
-        self._qprop_random_state = _random_state_to_json(self.qprop_critic.random_state)
+        self._qprop_random_state = self.qprop_critic.random_state_json
         try:
             super().save(path, exclude=exclude, include=include)  # type: ignore[arg-type]
         finally:
@@ -602,24 +537,3 @@ class QPropMixin(_Base):
         """
         self.qprop_critic.load_replay_buffer(path)
 
-
-def _random_state_to_json(state: tuple[Any, ...]) -> dict[str, Any]:
-    """``np.random.get_state()`` (legacy MT19937 tuple) as JSON-serializable data (saved in SB3's ``data`` as-is)."""
-    name, key, pos, has_gauss, cached_gaussian = state
-    return {
-        "bit_generator": str(name),
-        "key": np.asarray(key).tolist(),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached_gaussian),
-    }
-
-
-def _random_state_from_json(data: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        data["bit_generator"],
-        np.asarray(data["key"], dtype=np.uint32),
-        int(data["pos"]),
-        int(data["has_gauss"]),
-        float(data["cached_gaussian"]),
-    )

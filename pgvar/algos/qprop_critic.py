@@ -261,9 +261,27 @@ class QPropCritic:
         return self._random_state
 
     @random_state.setter
-    def random_state(self, state: tuple[Any, ...]) -> None:
+    def random_state(self, state: tuple[Any, ...] | Sequence[Any] | dict[str, Any]) -> None:
+        """Set it from the ``np.random.get_state()`` form or from :attr:`random_state_json`'s."""
+        if isinstance(state, dict):
+            keys = ("bit_generator", "key", "pos", "has_gauss", "cached_gaussian")
+            state = (*(state[key] for key in keys),)
+        name, key, pos, has_gauss, cached_gaussian = state
+        state = (str(name), np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(cached_gaussian))
         np.random.RandomState().set_state(state)  # validates it
         self._random_state = state
+
+    @property
+    def random_state_json(self) -> dict[str, Any]:
+        """:attr:`random_state` as JSON-serializable data (the algorithm saves it in the model's zip)."""
+        name, key, pos, has_gauss, cached_gaussian = self._random_state
+        return {
+            "bit_generator": str(name),
+            "key": np.asarray(key).tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
 
     def set_random_seed(self, seed: int | None) -> None:
         """Reseed the private streams (the replay draws now; the initialization seed is used when built)."""

@@ -18,8 +18,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
-from pgvar.algos import PPO, TRPO
-from pgvar.algos import QPropDictRolloutBuffer, QPropRolloutBuffer
+from pgvar.algos import PPO, TRPO, QPropDictRolloutBuffer, QPropRolloutBuffer
 from pgvar.algos._critic_step import td_targets
 from pgvar.algos.qprop import QPropPPO, QPropTRPO
 
