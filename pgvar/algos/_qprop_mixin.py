@@ -40,7 +40,7 @@ import io
 import math
 import pathlib
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -484,7 +484,7 @@ class QPropMixin(_Base):
     ) -> Any:
         """SB3's ``learn``; TensorBoard runs are named after the class (``QPropPPO_1``, ``QPropTRPO_1``, ...), not
         ``PPO_N`` / ``TRPO_N``, so they do not share numbering with the plain algorithms' runs."""
-        return super().learn(  # type: ignore[misc]
+        return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
             log_interval=log_interval,
@@ -504,15 +504,15 @@ class QPropMixin(_Base):
     def save(
         self,
         path: str | pathlib.Path | io.BufferedIOBase,
-        exclude: Sequence[str] | None = None,
-        include: Sequence[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
     ) -> None:
         """Save like the other pgvar models (SB3's zip, atomically), with the critic's networks, its optimizer and
         the state of its replay stream (JSON in the zip's ``data``); not the replay buffer: :meth:`save_replay_buffer`.
         """
         self._qprop_random_state = self.qprop_critic.random_state_json
         try:
-            super().save(path, exclude=exclude, include=include)  # type: ignore[arg-type]
+            super().save(path, exclude=exclude, include=include)
         finally:
             del self._qprop_random_state
 

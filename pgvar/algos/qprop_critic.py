@@ -112,9 +112,10 @@ def replay_buffer_nbytes(
     observation_spaces = (
         list(observation_space.spaces.values()) if isinstance(observation_space, spaces.Dict) else [observation_space]
     )
-    observation = sum(
-        math.prod(get_obs_shape(space)) * np.dtype(space.dtype).itemsize for space in observation_spaces  # type: ignore[arg-type]
-    )
+    observation = 0
+    for space in observation_spaces:
+        shape: Any = get_obs_shape(space)
+        observation += math.prod(shape) * np.dtype(space.dtype).itemsize
     action_dtype = np.float32 if action_space.dtype == np.float64 else action_space.dtype
     action = get_action_dim(action_space) * np.dtype(action_dtype).itemsize
     rows = max(buffer_size // n_envs, 1) * n_envs
@@ -239,6 +240,8 @@ class QPropCritic:
         self._hand_layers = self._plain_layers() if by_hand else None
         # The one place the TD step's path is chosen.
         self._td_step = self._step_by_hand if self._hand_layers is not None else self._step_by_autograd
+        self._online_module: nn.Module
+        self._target_module: nn.Module
         self._online_module, self._target_module = (
             (self._head, self._head_target) if self.features_are_fixed else (self.q_net, self.q_net_target)
         )
@@ -265,11 +268,11 @@ class QPropCritic:
         """Set it from the ``np.random.get_state()`` form or from :attr:`random_state_json`'s."""
         if isinstance(state, dict):
             keys = ("bit_generator", "key", "pos", "has_gauss", "cached_gaussian")
-            state = (*(state[key] for key in keys),)
+            state = tuple(state[key] for key in keys)
         name, key, pos, has_gauss, cached_gaussian = state
-        state = (str(name), np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(cached_gaussian))
-        np.random.RandomState().set_state(state)  # validates it
-        self._random_state = state
+        legacy = (str(name), np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(cached_gaussian))
+        np.random.RandomState().set_state(legacy)  # validates it
+        self._random_state: tuple[Any, ...] = legacy
 
     @property
     def random_state_json(self) -> dict[str, Any]:
@@ -286,14 +289,17 @@ class QPropCritic:
     def set_random_seed(self, seed: int | None) -> None:
         """Reseed the private streams (the replay draws now; the initialization seed is used when built)."""
         seed_sequence = np.random.SeedSequence(None if seed is None else [seed, SEED_OFFSET])
-        self._random_state = np.random.RandomState(np.random.MT19937(seed_sequence)).get_state()
+        self._random_state = tuple(np.random.RandomState(np.random.MT19937(seed_sequence)).get_state())
         self._init_seed = int(seed_sequence.generate_state(1)[0])
 
     # --------------------------------------------------------------------------------------------- build
-    def _heads(self) -> tuple[nn.Module, nn.Module]:
+    def _heads(self) -> tuple[Any, Any]:
+        """The Q-networks' MLP heads (the modules after the features extractor)."""
+        critic: Any = self.q_net
+        target: Any = self.q_net_target
         if self.discrete:
-            return self.q_net.q_net, self.q_net_target.q_net  # type: ignore[return-value]
-        return self.q_net.q_networks[0], self.q_net_target.q_networks[0]  # type: ignore[index]
+            return critic.q_net, target.q_net
+        return critic.q_networks[0], target.q_networks[0]
 
     def _plain_layers(self) -> tuple[list[tuple[th.Tensor, th.Tensor]], list[tuple[th.Tensor, th.Tensor]]] | None:
         """The critic's and its target's ``(weight, bias)`` layers when the TD steps can be taken by hand: on CPU,
@@ -331,7 +337,7 @@ class QPropCritic:
                 f"once the buffer fills up. Pass a smaller qprop_buffer_size{fits}",
                 stacklevel=2,
             )
-        buffer_class = DictReplayBuffer if isinstance(self.observation_space, spaces.Dict) else ReplayBuffer
+        buffer_class: Any = DictReplayBuffer if isinstance(self.observation_space, spaces.Dict) else ReplayBuffer
         try:
             return buffer_class(
                 buffer_size,
@@ -449,7 +455,7 @@ class QPropCritic:
         try:
             yield
         finally:
-            self._random_state = np.random.get_state()  # noqa: NPY002
+            self._random_state = tuple(np.random.get_state())  # noqa: NPY002
             np.random.set_state(saved)  # noqa: NPY002
 
     # ----------------------------------------------------------------------------------------- save/load
