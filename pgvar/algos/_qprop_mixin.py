@@ -427,13 +427,6 @@ class QPropMixin(_Base):
         return qprop_correction_surrogate(q_at_mean, etas)
 
     # ------------------------------------------------------------------------------------------- critic
-    def _critic_next_policy(self, next_observations: th.Tensor | TensorDict) -> th.Tensor:
-        """The current policy's mean actions (Box) or probabilities (Discrete), ``[B, d]``, no gradient: the
-        ``next_policy`` of :meth:`QPropCritic.train <pgvar.algos.qprop_critic.QPropCritic.train>`."""
-        with th.no_grad():
-            distribution = self._policy_distribution(next_observations)
-            return distribution.probs if isinstance(self.action_space, spaces.Discrete) else distribution.mean
-
     def _train_critic(self) -> None:
         """``ceil(qprop_critic_updates_per_step * n_steps * n_envs)`` TD steps of the critic (step 3; see
         :meth:`QPropCritic.train <pgvar.algos.qprop_critic.QPropCritic.train>`) once the replay buffer holds
@@ -449,7 +442,7 @@ class QPropMixin(_Base):
         critic.tau = self.qprop_critic_tau
         critic.gamma = self.gamma
         n_updates = math.ceil(self.qprop_critic_updates_per_step * self.n_steps * self.n_envs)
-        stats = critic.train(n_updates, self._critic_next_policy, env=self._vec_normalize_env)
+        stats = critic.train(n_updates, self.policy, env=self._vec_normalize_env)
         self.critic_n_updates += stats.n_updates
         self.logger.record("pgvar/qprop_critic_loss", stats.loss)
         self.logger.record("pgvar/qprop_critic_updates", self.critic_n_updates)

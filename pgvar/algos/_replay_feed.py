@@ -87,6 +87,7 @@ def store_transition(algorithm: OnPolicyAlgorithm, replay_buffer: ReplayBuffer, 
                 next_obs[key][index] = terminal[key]
         else:
             next_obs[index] = terminal
-    replay_buffer.add(last_obs, next_obs, np.asarray(step_locals["actions"]), rewards_, dones, infos)  # type: ignore[arg-type]
+    actions = np.asarray(step_locals["actions"])
+    replay_buffer.add(last_obs, next_obs, actions, rewards_, dones, infos)  # type: ignore[arg-type]
     if vec_normalize is not None:
         algorithm._last_original_obs = new_obs_

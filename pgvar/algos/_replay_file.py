@@ -85,8 +85,8 @@ def _not_a_replay_file(path: object, why: str) -> ValueError:
     return ValueError(
         f"{str(path)!r} is not a pgvar replay-buffer file ({why}). save_replay_buffer writes a zip of numpy arrays "
         "and JSON metadata; pgvar never unpickles a replay buffer, because a pickle can run code when it is loaded "
-        "(SB3's save_replay_buffer and earlier pgvar versions wrote pickles: if you wrote such a file yourself and trust it, "
-        "set model.qprop_critic.replay_buffer = stable_baselines3.common.save_util.load_from_pkl(path) and save it "
+        "(SB3's save_replay_buffer and earlier pgvar versions wrote pickles: if you wrote such a file yourself and "
+        "trust it, set model.qprop_critic.replay_buffer = stable_baselines3.common.save_util.load_from_pkl(path) and save it "
         "again with save_replay_buffer)"
     )
 

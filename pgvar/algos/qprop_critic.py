@@ -4,8 +4,8 @@ and the private random stream of the replay minibatches.
 :class:`QPropCritic` is what :class:`~pgvar.algos.qprop.QPropPPO` and :class:`~pgvar.algos.qprop.QPropTRPO` hold
 (``model.qprop_critic``). The algorithm feeds every collected transition into :attr:`QPropCritic.replay_buffer`,
 reads the critic (:attr:`QPropCritic.q_net`) for the control variate, and calls :meth:`QPropCritic.train` once per
-iteration with the current policy's mean action (Box) or action probabilities (Discrete) as ``next_policy``; the
-critic knows nothing else about the algorithm.
+iteration with its current policy as ``next_policy`` (the TD targets use its mean action, or its action
+probabilities for Discrete actions); the critic knows nothing else about the algorithm, and imports nothing of it.
 
 One TD step (Gu et al. 2017, arXiv:1611.02247, Eq. 13; DDPG, Lillicrap et al. 2016, arXiv:1509.02971): a
 minibatch drawn uniformly (with replacement) from the replay buffer, the targets of
@@ -38,7 +38,7 @@ import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
-from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.common.policies import ActorCriticPolicy, ContinuousCritic
 from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples, TensorDict
@@ -216,7 +216,11 @@ class QPropCritic:
             if self.discrete:
                 return QNetwork(observation_space, action_space, **common)  # type: ignore[arg-type]
             return ContinuousCritic(
-                observation_space, action_space, n_critics=1, share_features_extractor=False, **common  # type: ignore[arg-type]
+                observation_space,
+                action_space,  # type: ignore[arg-type]
+                n_critics=1,
+                share_features_extractor=False,
+                **common,
             )
 
         # Built on the private torch stream (restored afterwards): the policy's action noise is unchanged.
@@ -330,7 +334,9 @@ class QPropCritic:
         )
         fits = "" if available is None else f" (about {int(buffer_size * available / needed)} transitions fit now)"
         if total is not None and needed > total:
-            raise ValueError(f"{what}, more than the {_gib(total)} of memory of this machine; pass a smaller qprop_buffer_size{fits}")
+            raise ValueError(
+                f"{what}, more than the {_gib(total)} of memory of this machine; pass a smaller qprop_buffer_size{fits}"
+            )
         if available is not None and needed > available:
             warnings.warn(
                 f"{what}, more than the {_gib(available)} of memory available now; training may run out of memory "
@@ -352,7 +358,9 @@ class QPropCritic:
             raise MemoryError(f"{what}, and allocating it failed; pass a smaller qprop_buffer_size") from error
 
     # --------------------------------------------------------------------------------------------- train
-    def train(self, n_updates: int, next_policy: NextPolicy, env: VecNormalize | None = None) -> CriticTrainStats:
+    def train(
+        self, n_updates: int, next_policy: NextPolicy | ActorCriticPolicy, env: VecNormalize | None = None
+    ) -> CriticTrainStats:
         """``n_updates`` TD steps on minibatches of ``batch_size`` transitions from the replay buffer.
 
         Each step: the MSE to :func:`~pgvar.algos._critic_step.td_targets`, one Adam step with ``learning_rate``,
@@ -362,8 +370,9 @@ class QPropCritic:
         features when the features extractor has no parameters.
 
         :param n_updates: TD steps to take (> 0; the replay buffer must not be empty)
-        :param next_policy: the policy's mean action (Box) or action probabilities (Discrete) at given
-            observations, without gradient (:data:`NextPolicy`); it does not change during the call
+        :param next_policy: the policy whose mean action (Box) or action probabilities (Discrete) at ``s'`` the
+            targets use: an SB3 ``ActorCriticPolicy`` (the algorithm's), or a callable that returns them
+            (:data:`NextPolicy`); it must not change during the call
         :param env: the ``VecNormalize`` wrapper whose statistics normalize the sampled observations and rewards
             (the replay buffer stores them raw), or None
         :return: the number of steps and their mean loss
@@ -375,6 +384,8 @@ class QPropCritic:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate
         adam_step = AdamStep(self.optimizer, self._params)
+        if isinstance(next_policy, ActorCriticPolicy):
+            next_policy = self._policy_output(next_policy)
         losses: list[th.Tensor] = []
         for first in range(0, n_updates, STEPS_PER_DRAW):
             n_draw = min(STEPS_PER_DRAW, n_updates - first)
@@ -387,6 +398,15 @@ class QPropCritic:
                 losses.append(loss.detach())
         self.q_net.set_training_mode(False)
         return CriticTrainStats(n_updates, float(th.stack(losses).mean()))
+
+    def _policy_output(self, policy: ActorCriticPolicy) -> NextPolicy:
+        """``policy``'s mean action (Box) or action probabilities (Discrete) as a :data:`NextPolicy`."""
+
+        def next_policy(observations: th.Tensor | TensorDict) -> th.Tensor:
+            distribution: Any = policy.get_distribution(observations).distribution
+            return distribution.probs if self.discrete else distribution.mean
+
+        return next_policy
 
     def _step_by_hand(self, batch: _Minibatch) -> tuple[th.Tensor, Sequence[th.Tensor | None]]:
         """The MSE to the TD targets and its gradients, written out (:mod:`pgvar.algos._critic_step`)."""
