@@ -65,9 +65,9 @@ def main() -> None:
     # save() keeps the policy, the critic, its target and their optimizers; the replay buffer is a separate file.
     with tempfile.TemporaryDirectory() as folder:
         qprop.save(Path(folder) / "qprop_pendulum.zip")
-        qprop.save_replay_buffer(Path(folder) / "qprop_pendulum_replay.pkl")
+        qprop.save_replay_buffer(Path(folder) / "qprop_pendulum_replay.npz")
         resumed = QPropPPO.load(Path(folder) / "qprop_pendulum.zip", env=make_vec_env("Pendulum-v1", n_envs=2, seed=2))
-        resumed.load_replay_buffer(Path(folder) / "qprop_pendulum_replay.pkl")
+        resumed.load_replay_buffer(Path(folder) / "qprop_pendulum_replay.npz")
     resumed.learn(2 * 2 * SETTINGS["n_steps"], reset_num_timesteps=False)
     print(f"resumed to {resumed.num_timesteps} steps, {resumed.critic_n_updates} critic updates so far")
 

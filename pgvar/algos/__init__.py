@@ -9,9 +9,16 @@
 from pgvar.algos._mixin import OnPolicyEstimatorMixin
 from pgvar.algos._save import SaveLoadMixin
 from pgvar.algos.a2c import A2C
-from pgvar.algos.buffers import BASELINES, EstimatorDictRolloutBuffer, EstimatorRolloutBuffer
+from pgvar.algos.buffers import (
+    BASELINES,
+    EstimatorDictRolloutBuffer,
+    EstimatorRolloutBuffer,
+    QPropDictRolloutBuffer,
+    QPropRolloutBuffer,
+)
 from pgvar.algos.ppo import PPO
 from pgvar.algos.qprop import QPropPPO, QPropTRPO
+from pgvar.algos.qprop_critic import QPropCritic
 from pgvar.algos.soft_q import (
     EntropyPG,
     KLRegularizedDictRolloutBuffer,
@@ -34,7 +41,10 @@ __all__ = [
     "SoftQCnnPolicy",
     "SoftQPolicy",
     "PPO",
+    "QPropCritic",
+    "QPropDictRolloutBuffer",
     "QPropPPO",
+    "QPropRolloutBuffer",
     "QPropTRPO",
     "TRPO",
     "EstimatorDictRolloutBuffer",

@@ -1,4 +1,5 @@
-"""A cheaper TD step for Q-Prop's off-policy critic, with the same arithmetic as autograd and ``Adam.step``.
+"""The pieces of one TD step of Q-Prop's off-policy critic: the target, a cheaper step with the same arithmetic
+as autograd and ``Adam.step``, and the soft target update.
 
 Q-Prop takes one critic gradient step per environment step on a minibatch of 64 transitions through a 100x100
 MLP (Gu et al. 2017, the official defaults). At that size a CPU spends more time in bookkeeping than in arithmetic:
@@ -13,6 +14,10 @@ per-parameter state gathering of ``_init_group``). This module removes both for 
   hyperparameters of its parameter group, so ``optimizer.state_dict()`` (and with it save/load and resuming)
   is exactly what ``optimizer.step()`` would leave.
 
+Both the hand path and the autograd path (:class:`pgvar.algos.qprop_critic.QPropCritic` chooses one when it is
+built) compute their regression targets with :func:`td_targets` and move the target critic with
+:func:`polyak_update`.
+
 A head of any other structure (another activation, batch norm, dropout) or a features extractor with weights
 is not matched, and the caller takes the autograd path for the gradients; an optimizer that is not a fused Adam
 gets them through ``param.grad`` and its own ``step()``. The caller uses this on CPU only (where it is tested and
@@ -26,13 +31,67 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch as th
+from stable_baselines3.common.utils import polyak_update as sb3_polyak_update
 from torch import nn
 from torch.optim.adam import adam as functional_adam
 
-__all__ = ["AdamStep", "mlp_forward", "mlp_mse_gradients", "plain_mlp"]
+__all__ = ["AdamStep", "mlp_forward", "mlp_mse_gradients", "plain_mlp", "polyak_update", "td_targets"]
 
 #: ``(weight, bias)`` of each linear layer, input to output.
 Layers = Sequence[tuple[th.Tensor, th.Tensor]]
+
+
+def td_targets(
+    rewards: th.Tensor, discounts: th.Tensor, next_q: th.Tensor, next_probs: th.Tensor | None = None
+) -> th.Tensor:
+    """DDPG-style TD targets of the critic, ``[B, 1]`` (Gu et al. 2017, arXiv:1611.02247, Eq. 13).
+
+    .. math::
+
+        y = r + \\gamma (1 - \\text{terminated})\\, Q_{w'}(s', \\mu_\\theta(s'))
+        \\quad\\text{(Box)}, \\qquad
+        y = r + \\gamma (1 - \\text{terminated}) \\sum_{a'} \\pi_\\theta(a'|s')\\, Q_{w'}(s', a')
+        \\quad\\text{(Discrete)}.
+
+    No gradient flows through the result when ``next_q`` has none (the target critic's parameters do not require
+    gradients). A time-limit truncation bootstraps: SB3's replay buffer stores ``done * (1 - truncated)``.
+
+    :param rewards: ``[B, 1]`` environment rewards
+    :param discounts: ``[B, 1]``, ``gamma * (1 - terminated)``
+    :param next_q: ``[B, 1]`` target critic at ``(s', mu(s'))`` (Box), or ``[B, n]`` over all actions (Discrete)
+    :param next_probs: ``[B, n]`` policy probabilities at ``s'`` (Discrete), None for Box
+    :return: ``[B, 1]``
+
+    >>> td_targets(th.tensor([[1.0], [2.0]]), th.tensor([[0.5], [0.0]]), th.tensor([[4.0], [4.0]]))
+    tensor([[3.],
+            [2.]])
+    """
+    if next_probs is not None:
+        next_q = (next_probs * next_q).sum(dim=1, keepdim=True)
+    return th.addcmul(rewards, discounts, next_q)
+
+
+def polyak_update(
+    target_params: list[th.Tensor],
+    params: list[th.Tensor],
+    tau: float,
+    target_stats: Sequence[th.Tensor] = (),
+    stats: Sequence[th.Tensor] = (),
+) -> None:
+    """The soft target update ``w' <- (1 - tau) w' + tau w`` in one multi-tensor call (in place, no gradient).
+
+    Batch-norm running statistics (``stats``) are copied, as SB3's off-policy algorithms do (polyak with 1.0).
+
+    :param target_params: the target critic's parameters
+    :param params: the critic's parameters, in the same order
+    :param tau: the update rate, in ``(0, 1]``
+    :param target_stats: the target critic's batch-norm running statistics (empty without batch norm)
+    :param stats: the critic's, in the same order
+    """
+    with th.no_grad():
+        th._foreach_lerp_(target_params, params, tau)
+    if stats:
+        sb3_polyak_update(stats, target_stats, 1.0)
 
 
 def plain_mlp(module: nn.Module) -> list[tuple[th.Tensor, th.Tensor]] | None:

@@ -1,5 +1,7 @@
-"""What :class:`~pgvar.algos.qprop.QPropPPO` and :class:`~pgvar.algos.qprop.QPropTRPO` share: the off-policy critic,
-its replay feed, the control variate of each rollout, the per-minibatch Q-Prop terms, save/load.
+"""What :class:`~pgvar.algos.qprop.QPropPPO` and :class:`~pgvar.algos.qprop.QPropTRPO` share: the Q-Prop options and
+their checks, the replay feed of the critic, the control variate of each rollout, the per-minibatch Q-Prop terms,
+save/load. The critic itself (networks, optimizer, replay buffer, TD steps) is a
+:class:`~pgvar.algos.qprop_critic.QPropCritic` the algorithm holds as ``qprop_critic``.
 
 Q-Prop (Gu et al. 2017, arXiv:1611.02247) fits an off-policy critic :math:`Q_w` on every transition the on-policy
 algorithm collects, and uses it as a control variate (the estimator math is in
@@ -21,7 +23,8 @@ One iteration of :meth:`QPropMixin.train`:
    ``qprop_normalization`` says (:meth:`QPropMixin._qprop_minibatch_signal`), and the analytic term
    :math:`\\operatorname{mean}(\\eta\\, Q_w(s, \\mu_\\theta(s)))` with the critic frozen is added to the objective
    (:meth:`QPropMixin._qprop_correction`).
-3. **Critic step** (:meth:`QPropMixin._train_critic`): one DDPG-style TD step per collected environment step on
+3. **Critic step** (:meth:`QPropMixin._train_critic`, :meth:`QPropCritic.train
+   <pgvar.algos.qprop_critic.QPropCritic.train>`): one DDPG-style TD step per collected environment step on
    minibatches from the replay buffer, target
    :math:`y = r + \\gamma (1 - \\text{terminated})\\, Q_{w'}(s', \\mu_\\theta(s'))` with the policy's mean action and a
    polyak-averaged target critic :math:`Q_{w'}`.
@@ -33,34 +36,35 @@ see the implementation notes in ``docs/modules/qprop.md``.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import io
 import math
 import pathlib
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
-from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch as th
-import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy, ContinuousCritic
-from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
-from stable_baselines3.common.type_aliases import ReplayBufferSamples, TensorDict
-from stable_baselines3.common.utils import explained_variance, get_parameters_by_name, polyak_update
+from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
+from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.dqn.policies import QNetwork
-from torch import nn
 
 from pgvar._validation import check_choice, check_positive
-from pgvar.algos._critic_step import AdamStep, mlp_forward, mlp_mse_gradients, plain_mlp
-from pgvar.algos.buffers import EstimatorBufferMixin, EstimatorDictRolloutBuffer, EstimatorRolloutBuffer
+from pgvar.algos._replay_feed import ReplayFeed
+from pgvar.algos.buffers import (
+    EstimatorDictRolloutBuffer,
+    EstimatorRolloutBuffer,
+    QPropBufferMixin,
+    QPropDictRolloutBuffer,
+    QPropRolloutBuffer,
+)
+from pgvar.algos.qprop_critic import QPropCritic
 from pgvar.estimators.control_variates import (
     QPROP_ETA_RULES,
     QPROP_ETA_SCOPES,
@@ -83,145 +87,15 @@ if TYPE_CHECKING:
 else:
     _Base = object
 
-__all__ = [
-    "DEFAULT_CRITIC_NET_ARCH",
-    "QPropBufferMixin",
-    "QPropDictRolloutBuffer",
-    "QPropDictRolloutBufferSamples",
-    "QPropMixin",
-    "QPropRolloutBuffer",
-    "QPropRolloutBufferSamples",
-]
+__all__ = ["DEFAULT_CRITIC_NET_ARCH", "QPropMixin"]
 
 #: The official critic: two hidden layers of 100 ReLU units (rllab++ ``ContinuousMLPQFunction``).
 DEFAULT_CRITIC_NET_ARCH = (100, 100)
-#: Critic minibatches drawn from the replay buffer per call of its ``sample`` (bounds the memory of one draw).
-_CRITIC_STEPS_PER_DRAW = 256
-#: Offset between the model's seed and the seed of Q-Prop's private random streams (critic init, replay draws).
-_QPROP_SEED_OFFSET = 7_919
-
-
-class _CriticHeadBatch(NamedTuple):
-    """One critic minibatch as the Q-heads' inputs (see ``QPropMixin._critic_head_minibatches``)."""
-
-    inputs: th.Tensor
-    next_inputs: th.Tensor
-    #: Discrete: the taken action's column of each row, ``[B, 1]``; Box: None (the action is in ``inputs``)
-    taken: th.Tensor | None
-    #: Discrete: ``pi(.|s')``, ``[B, n]``; Box: None (``mu(s')`` is in ``next_inputs``)
-    next_probs: th.Tensor | None
-    rewards: th.Tensor
-    discounts: th.Tensor
-
-
-# ------------------------------------------------------------------------------------------------ buffers
-class QPropRolloutBufferSamples(NamedTuple):
-    """SB3's ``RolloutBufferSamples`` plus the Q-Prop weight :math:`\\eta` of each sample."""
-
-    observations: th.Tensor
-    actions: th.Tensor
-    old_values: th.Tensor
-    old_log_prob: th.Tensor
-    #: the Q-Prop learning signal :math:`\hat A - \eta \bar A` (not yet normalized per minibatch)
-    advantages: th.Tensor
-    returns: th.Tensor
-    #: :math:`\eta` of each sample (already divided by the batch std with ``normalize_advantage="batch"`` and
-    #: ``qprop_normalization="consistent"``)
-    qprop_etas: th.Tensor
-
-
-class QPropDictRolloutBufferSamples(NamedTuple):
-    """SB3's ``DictRolloutBufferSamples`` plus the Q-Prop weight :math:`\\eta` of each sample."""
-
-    observations: TensorDict
-    actions: th.Tensor
-    old_values: th.Tensor
-    old_log_prob: th.Tensor
-    advantages: th.Tensor
-    returns: th.Tensor
-    qprop_etas: th.Tensor
-
-
-class QPropBufferMixin(EstimatorBufferMixin):
-    """A pgvar estimator buffer that also carries the Q-Prop :math:`\\eta` of each step to the minibatches.
-
-    ``advantages`` hold :math:`\\hat A` after ``compute_returns_and_advantage`` and are replaced by the learning
-    signal in ``QPropMixin.train``; ``qprop_etas`` (``[T, N]``, flattened like the other fields by ``get``) hold
-    :math:`\\eta`. ``normalize_batch`` is accepted and ignored: Q-Prop normalizes the learning signal
-    :math:`\\hat A - \\eta \\bar A` together with :math:`\\eta`, never :math:`\\hat A` alone.
-    """
-
-    qprop_etas: np.ndarray
-
-    def __init__(self, *args: Any, normalize_batch: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, normalize_batch=False, **kwargs)
-
-    def reset(self) -> None:
-        super().reset()  # type: ignore[misc]
-        self.qprop_etas = np.zeros((self.buffer_size, self.n_envs), dtype=np.float32)
-
-    def get(self, batch_size: int | None = None) -> Iterator[Any]:
-        if not self.generator_ready:  # type: ignore[attr-defined]
-            self.qprop_etas = self.swap_and_flatten(self.qprop_etas)  # type: ignore[attr-defined]
-        yield from super().get(batch_size)  # type: ignore[misc]
-
-    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> Any:
-        samples: Any = super()._get_samples(batch_inds, env)  # type: ignore[misc]
-        etas = self.to_torch(self.qprop_etas[batch_inds].flatten())  # type: ignore[attr-defined]
-        if isinstance(samples.observations, dict):
-            return QPropDictRolloutBufferSamples._make((*samples, etas))
-        return QPropRolloutBufferSamples._make((*samples, etas))
-
-
-class QPropRolloutBuffer(QPropBufferMixin, EstimatorRolloutBuffer):  # type: ignore[misc]
-    """:class:`~pgvar.algos.EstimatorRolloutBuffer` with the per-step Q-Prop :math:`\\eta` (see :class:`QPropBufferMixin`)."""
-
-
-class QPropDictRolloutBuffer(QPropBufferMixin, EstimatorDictRolloutBuffer):  # type: ignore[misc]
-    """:class:`~pgvar.algos.EstimatorDictRolloutBuffer` (dict observations) with the per-step Q-Prop :math:`\\eta`."""
-
-
-# ------------------------------------------------------------------------------------------- replay feed
-class _ReplayFeed(BaseCallback):
-    """Wraps the callback given to ``collect_rollouts``: stores each transition in the replay buffer, then forwards.
-
-    ``collect_rollouts`` calls ``update_locals`` and ``on_step`` right after ``env.step`` and **before** it adds
-    ``gamma * V(final observation)`` to the rewards of truncated episodes (in place), so the rewards seen here
-    are the environment's.
-    """
-
-    def __init__(self, algorithm: QPropMixin, callback: BaseCallback) -> None:
-        super().__init__()
-        self.algorithm = algorithm
-        self.callback = callback
-
-    def on_rollout_start(self) -> None:
-        self.callback.on_rollout_start()
-
-    def update_locals(self, locals_: dict[str, Any]) -> None:
-        self.locals = locals_
-        self.callback.update_locals(locals_)
-
-    def on_step(self) -> bool:
-        self.algorithm._store_qprop_transition(self.locals)
-        return self.callback.on_step()
-
-    def on_rollout_end(self) -> None:
-        self.callback.on_rollout_end()
-
-    def _on_step(self) -> bool:  # pragma: no cover - on_step is overridden
-        return True
 
 
 def _flatten_time_major(array: np.ndarray, device: th.device) -> th.Tensor:
     """``[T, N, ...]`` numpy array -> ``[T * N, ...]`` tensor, row ``t * N + n``."""
     return th.as_tensor(array.reshape(array.shape[0] * array.shape[1], *array.shape[2:]), device=device)
-
-
-def _rows(observations: th.Tensor | TensorDict, rows: slice) -> th.Tensor | TensorDict:
-    if isinstance(observations, dict):
-        return {key: value[rows] for key, value in observations.items()}
-    return observations[rows]
 
 
 # --------------------------------------------------------------------------------------------------- mixin
@@ -233,10 +107,12 @@ class QPropMixin(_Base):
     its SB3 ``train()`` with the advantages taken from :meth:`_qprop_minibatch_signal` and the objective
     increased by :meth:`_qprop_correction`.
 
-    Attributes (saved with the model): the ``qprop_*`` options, ``critic`` and ``critic_target`` (SB3
-    ``ContinuousCritic`` with one Q-network for ``Box`` actions, DQN's ``QNetwork`` over all actions for
-    ``Discrete``), ``critic.optimizer`` (Adam), and the number of critic steps taken so far. ``replay_buffer``
-    (SB3 ``ReplayBuffer`` / ``DictReplayBuffer``) is saved separately: :meth:`save_replay_buffer`.
+    Attributes: the ``qprop_*`` options, ``qprop_critic`` (a :class:`~pgvar.algos.qprop_critic.QPropCritic`), and
+    the number of critic steps taken so far. Shortcuts to the critic's parts: ``critic`` and ``critic_target``
+    (SB3 ``ContinuousCritic`` with one Q-network for ``Box`` actions, DQN's ``QNetwork`` over all actions for
+    ``Discrete``), ``critic.optimizer`` (Adam), ``replay_buffer`` (SB3 ``ReplayBuffer`` / ``DictReplayBuffer``).
+    ``save()`` keeps the options, both networks, the optimizer and the critic's random stream; the replay buffer
+    is saved separately: :meth:`save_replay_buffer`.
     """
 
     qprop_eta: str
@@ -249,9 +125,7 @@ class QPropMixin(_Base):
     qprop_critic_tau: float
     qprop_buffer_size: int
     qprop_warmup_steps: int
-    critic: ContinuousCritic | QNetwork
-    critic_target: ContinuousCritic | QNetwork
-    replay_buffer: ReplayBuffer | DictReplayBuffer
+    qprop_critic: QPropCritic
     #: Critic gradient steps taken so far; the control variate is used once it is > 0.
     critic_n_updates: int = 0
 
@@ -348,80 +222,65 @@ class QPropMixin(_Base):
             )
 
     # -------------------------------------------------------------------------------------------- model
+    @property
+    def critic(self) -> ContinuousCritic | QNetwork:
+        """The critic :math:`Q_w` (``qprop_critic.q_net``)."""
+        return self.qprop_critic.q_net
+
+    @property
+    def critic_target(self) -> ContinuousCritic | QNetwork:
+        """The target critic :math:`Q_{w'}` (``qprop_critic.q_net_target``)."""
+        return self.qprop_critic.q_net_target
+
+    @property
+    def replay_buffer(self) -> ReplayBuffer | DictReplayBuffer:
+        """The critic's replay buffer (``qprop_critic.replay_buffer``)."""
+        return self.qprop_critic.replay_buffer
+
     def set_random_seed(self, seed: int | None = None) -> None:
-        """SB3's seeding, plus Q-Prop's private random streams (critic initialization and replay minibatches).
+        """SB3's seeding, plus the critic's private random streams (critic initialization and replay minibatches).
 
         They are separate from the global streams SB3 draws actions and minibatch permutations from, so a Q-Prop
         model with the control variate switched off trains exactly like the plain algorithm with the same seed.
         """
         super().set_random_seed(seed)
-        seed_sequence = np.random.SeedSequence(None if seed is None else [seed, _QPROP_SEED_OFFSET])
-        self._qprop_np_random_state = np.random.RandomState(np.random.MT19937(seed_sequence)).get_state()
-        self._qprop_critic_seed = int(seed_sequence.generate_state(1)[0])
-
-    @contextlib.contextmanager
-    def _private_numpy_random(self) -> Iterator[None]:
-        """Run SB3's replay sampling (which draws from ``np.random``) on Q-Prop's own stream, then restore the global one."""
-        # (The legacy global state on purpose: it is what SB3's buffers draw from.)
-        saved = np.random.get_state()  # noqa: NPY002
-        np.random.set_state(self._qprop_np_random_state)  # noqa: NPY002
-        try:
-            yield
-        finally:
-            self._qprop_np_random_state = np.random.get_state()  # noqa: NPY002
-            np.random.set_state(saved)  # noqa: NPY002
+        critic = self.__dict__.get("qprop_critic")
+        if critic is not None:  # (while the model is set up, the critic is built with the seed)
+            critic.set_random_seed(seed)
 
     def _setup_model(self) -> None:
         self._check_qprop_options()
         self._check_qprop_spaces()
-        # After load(): SB3's _setup_model reseeds, but the replay stream continues where the saved model left it.
-        resumed_stream = self.__dict__.get("_qprop_np_random_state")
+        # After load(): the replay stream continues where the saved model left it (see save()).
+        saved_stream = self.__dict__.pop("_qprop_random_state", None)
+        legacy_stream = self.__dict__.pop("_qprop_np_random_state", None)  # models saved before QPropCritic
         super()._setup_model()
-        if resumed_stream is not None:
-            self._qprop_np_random_state = resumed_stream
         self._check_qprop_policy()
-        self._build_critic()
-        replay_class: Any = DictReplayBuffer if isinstance(self.observation_space, spaces.Dict) else ReplayBuffer
-        self.replay_buffer = replay_class(
-            self.qprop_buffer_size,
+        self.qprop_critic = self._make_qprop_critic()
+        if saved_stream is not None or legacy_stream is not None:
+            self.qprop_critic.random_state = saved_stream if saved_stream is not None else legacy_stream
+
+    def _make_qprop_critic(self, *, by_hand: bool = True) -> QPropCritic:
+        """A new critic for this model (features extractor: a separate instance of the policy's class).
+
+        :param by_hand: take the TD steps by hand where the critic allows it (False: autograd, the reference)
+        """
+        return QPropCritic(
             self.observation_space,
             self.action_space,
-            device=self.device,
+            self.policy.make_features_extractor,
+            normalize_images=self.policy.normalize_images,
+            net_arch=self.qprop_critic_net_arch,
+            learning_rate=self.qprop_critic_learning_rate,
+            batch_size=self.qprop_critic_batch_size,
+            tau=self.qprop_critic_tau,
+            gamma=self.gamma,
+            buffer_size=self.qprop_buffer_size,
             n_envs=self.n_envs,
-            optimize_memory_usage=False,
-            handle_timeout_termination=True,
+            device=self.device,
+            seed=self.seed,
+            by_hand=by_hand,
         )
-
-    def _make_critic(self) -> ContinuousCritic | QNetwork:
-        # The policy's features extractor class and kwargs, with weights of its own (FlattenExtractor for MlpPolicy).
-        features_extractor = self.policy.make_features_extractor()
-        common: dict[str, Any] = {
-            "features_extractor": features_extractor,
-            "features_dim": features_extractor.features_dim,
-            "net_arch": list(self.qprop_critic_net_arch),
-            "activation_fn": nn.ReLU,
-            "normalize_images": self.policy.normalize_images,
-        }
-        if isinstance(self.action_space, spaces.Discrete):
-            return QNetwork(self.observation_space, self.action_space, **common)
-        return ContinuousCritic(
-            self.observation_space, self.action_space, n_critics=1, share_features_extractor=False, **common  # type: ignore[arg-type]
-        )
-
-    def _build_critic(self) -> None:
-        # Built on its own torch random stream (restored afterwards): the policy's action noise is unchanged.
-        with th.random.fork_rng(devices=[]):
-            th.default_generator.manual_seed(self._qprop_critic_seed)
-            self.critic = self._make_critic().to(self.device)
-            self.critic_target = self._make_critic().to(self.device)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic_target.set_training_mode(False)
-        self.critic_target.requires_grad_(False)
-        # Fused Adam: one kernel for all parameters (about 0.3 ms less per critic step on a CPU than the default).
-        self.critic.optimizer = th.optim.Adam(self.critic.parameters(), lr=self.qprop_critic_learning_rate, fused=True)
-        self._critic_features_are_fixed = not any(True for _ in self.critic.features_extractor.parameters())
-        self._critic_batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
-        self._critic_batch_norm_stats_target = get_parameters_by_name(self.critic_target, ["running_"])
 
     def _estimator_buffer_class(self) -> type[RolloutBuffer]:
         chosen = super()._estimator_buffer_class()
@@ -435,46 +294,15 @@ class QPropMixin(_Base):
         raise ValueError(
             f"rollout_buffer_class={getattr(requested, '__name__', requested)} cannot carry the Q-Prop weights eta to "
             f"the minibatches; pass rollout_buffer_class=None or a subclass of "
-            "pgvar.algos._qprop_mixin.QPropRolloutBuffer (QPropDictRolloutBuffer for dict observations)"
+            "pgvar.algos.QPropRolloutBuffer (QPropDictRolloutBuffer for dict observations)"
         )
 
     # --------------------------------------------------------------------------------------- rollouts
     def collect_rollouts(self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int) -> bool:
         """SB3's ``collect_rollouts``; every transition also goes to the critic's replay buffer (raw reward, true
         next observation, ``TimeLimit.truncated`` kept apart from termination)."""
-        return super().collect_rollouts(env, _ReplayFeed(self, callback), rollout_buffer, n_rollout_steps)
-
-    def _store_qprop_transition(self, step_locals: dict[str, Any]) -> None:
-        """Add one vectorized step to the replay buffer, as SB3's ``OffPolicyAlgorithm._store_transition`` does.
-
-        Unnormalized observations and rewards (``VecNormalize`` normalizes them again when the critic samples),
-        the action the policy sampled (before clipping to the action bounds: the :math:`a` of
-        :math:`a - \\mu(s)`), and for finished episodes the final observation from
-        ``infos[i]["terminal_observation"]`` instead of the reset observation.
-        """
-        new_obs, rewards, dones, infos = (step_locals[key] for key in ("new_obs", "rewards", "dones", "infos"))
-        vec_normalize = self._vec_normalize_env
-        if vec_normalize is not None:
-            new_obs_ = vec_normalize.get_original_obs()
-            rewards_ = vec_normalize.get_original_reward()
-            last_obs = self._last_original_obs
-        else:
-            new_obs_, rewards_, last_obs = new_obs, rewards, self._last_obs
-        next_obs = copy.deepcopy(new_obs_)
-        for index, done in enumerate(dones):
-            terminal = infos[index].get("terminal_observation") if done else None
-            if terminal is None:
-                continue
-            if vec_normalize is not None:
-                terminal = vec_normalize.unnormalize_obs(terminal)
-            if isinstance(next_obs, dict):
-                for key in next_obs:
-                    next_obs[key][index] = terminal[key]
-            else:
-                next_obs[index] = terminal
-        self.replay_buffer.add(last_obs, next_obs, np.asarray(step_locals["actions"]), rewards_, dones, infos)  # type: ignore[arg-type]
-        if vec_normalize is not None:
-            self._last_original_obs = new_obs_
+        feed = ReplayFeed(self, self.qprop_critic.replay_buffer, callback)
+        return super().collect_rollouts(env, feed, rollout_buffer, n_rollout_steps)
 
     # ------------------------------------------------------------------------------------------- policy
     def _policy_distribution(self, observations: th.Tensor | TensorDict) -> Any:
@@ -599,176 +427,24 @@ class QPropMixin(_Base):
         return qprop_correction_surrogate(q_at_mean, etas)
 
     # ------------------------------------------------------------------------------------------- critic
-    def _critic_td_targets(self, samples: ReplayBufferSamples) -> th.Tensor:
-        """DDPG-style targets ``r + gamma * (1 - terminated) * Q_target(s', mu_theta(s'))``, shape ``[B, 1]``.
-
-        ``samples.dones`` from SB3's replay buffer are already ``done * (1 - truncated)``: a time-limit
-        truncation bootstraps. Box: the current policy's **mean** action at ``s'`` (the official code's
-        ``qprop_use_mean_action``; no target actor). Discrete: the expectation ``sum_a' pi(a'|s') Q_target(s', a')``.
-        (The reference form; :meth:`_train_critic` computes the same targets from features computed once per draw.)
-        """
-        with th.no_grad():
-            next_policy = self._critic_next_policy(samples.next_observations)
-            next_q = self._critic_expected_q(self.critic_target, samples.next_observations, next_policy)
-            return th.addcmul(samples.rewards, self.gamma * (1.0 - samples.dones), next_q)
-
-    def _critic_next_policy(self, next_observations: th.Tensor | TensorDict) -> th.Tensor:
-        """The current policy's mean actions (Box) or probabilities (Discrete), ``[B, d]``, no gradient."""
-        with th.no_grad():
-            distribution = self._policy_distribution(next_observations)
-            return distribution.probs if isinstance(self.action_space, spaces.Discrete) else distribution.mean
-
-    def _critic_q(self, module: nn.Module, observations: th.Tensor | TensorDict, actions: th.Tensor) -> th.Tensor:
-        """``Q(s, a)`` of ``module`` (the critic or its target) at the stored actions, ``[B, 1]``."""
-        if isinstance(self.action_space, spaces.Discrete):
-            return module(observations).gather(1, actions.long().reshape(-1, 1))
-        return module(observations, actions.float())[0]
-
-    def _critic_expected_q(
-        self, module: nn.Module, observations: th.Tensor | TensorDict, policy_out: th.Tensor
-    ) -> th.Tensor:
-        """``Q(s, mu(s))`` (Box) or ``sum_a pi(a|s) Q(s, a)`` (Discrete) of ``module``, ``[B, 1]``."""
-        if isinstance(self.action_space, spaces.Discrete):
-            return (policy_out * module(observations)).sum(dim=1, keepdim=True)
-        return module(observations, policy_out)[0]
-
-    def _critic_minibatches(self, drawn: ReplayBufferSamples, batch_size: int) -> Iterator[tuple[Any, ...]]:
-        """``(q, next_q, rewards, discounts)`` per minibatch of one draw from the replay buffer: callables giving
-        ``Q_w(s, a)`` (with gradient) and ``Q_target(s', mu(s'))`` (Box) or ``sum_a' pi(a'|s') Q_target(s', a')``
-        (Discrete), ``[B, 1]`` each, and the minibatch's ``r`` and ``gamma * (1 - terminated)``.
-
-        The policy does not change while the critic trains, so ``mu(s')`` (or ``pi(.|s')``) is computed once per
-        draw; so are the observation features when the features extractor has no parameters (SB3's
-        ``FlattenExtractor``, :meth:`_critic_head_minibatches`): then each TD step runs only the Q-networks' MLPs.
-        """
-        if self._critic_features_are_fixed:
-            discrete = isinstance(self.action_space, spaces.Discrete)
-            head: Any = self.critic.q_net if discrete else self.critic.q_networks[0]  # type: ignore[index]
-            head_target: Any = self.critic_target.q_net if discrete else self.critic_target.q_networks[0]  # type: ignore[index]
-            for batch in self._critic_head_minibatches(drawn, batch_size):
-                if batch.taken is None:
-                    yield partial(head, batch.inputs), partial(head_target, batch.next_inputs), batch.rewards, batch.discounts
-                else:
-                    yield (
-                        lambda b=batch: head(b.inputs).gather(1, b.taken),
-                        lambda b=batch: (b.next_probs * head_target(b.next_inputs)).sum(dim=1, keepdim=True),
-                        batch.rewards,
-                        batch.discounts,
-                    )
-            return
-        next_policy = self._critic_next_policy(drawn.next_observations)
-        rewards, discounts = th.split(drawn.rewards, batch_size), th.split(self.gamma * (1.0 - drawn.dones), batch_size)
-        for index, first in enumerate(range(0, len(drawn.rewards), batch_size)):
-            rows = slice(first, first + batch_size)
-            obs, next_obs = _rows(drawn.observations, rows), _rows(drawn.next_observations, rows)
-            yield (
-                partial(self._critic_q, self.critic, obs, drawn.actions[rows]),
-                partial(self._critic_expected_q, self.critic_target, next_obs, next_policy[rows]),
-                rewards[index],
-                discounts[index],
-            )
-
-    def _critic_head_minibatches(self, drawn: ReplayBufferSamples, batch_size: int) -> Iterator[_CriticHeadBatch]:
-        """The Q-heads' inputs per minibatch of one draw, when the features extractor has no parameters: features
-        (with the stored actions for Box) and next features (with ``mu(s')``), computed once per draw."""
-        discrete = isinstance(self.action_space, spaces.Discrete)
-        next_policy = self._critic_next_policy(drawn.next_observations)
-
-        def head_inputs(module: Any, observations: th.Tensor | TensorDict, actions: th.Tensor) -> th.Tensor:
-            features = module.extract_features(observations, module.features_extractor)
-            return features if discrete else th.cat([features, actions.float()], dim=1)
-
-        split = lambda tensor: th.split(tensor, batch_size)  # noqa: E731 (views, no copies)
-        with th.no_grad():
-            inputs = split(head_inputs(self.critic, drawn.observations, drawn.actions))
-            next_inputs = split(head_inputs(self.critic_target, drawn.next_observations, next_policy))
-        rewards, discounts = split(drawn.rewards), split(self.gamma * (1.0 - drawn.dones))
-        taken = split(drawn.actions.long().reshape(-1, 1)) if discrete else None
-        probs = split(next_policy) if discrete else None
-        for index in range(len(inputs)):
-            yield _CriticHeadBatch(
-                inputs[index],
-                next_inputs[index],
-                None if taken is None else taken[index],
-                None if probs is None else probs[index],
-                rewards[index],
-                discounts[index],
-            )
-
-    def _critic_plain_layers(self) -> tuple[list[tuple[th.Tensor, th.Tensor]], list[tuple[th.Tensor, th.Tensor]]] | None:
-        """The critic's and its target's ``(weight, bias)`` layers when :meth:`_train_critic` can take its TD steps by
-        hand (:mod:`pgvar.algos._critic_step`): on CPU, parameter-free features, no batch norm, a plain ReLU MLP head
-        whose parameters are all of the critic's. None otherwise (autograd; on CUDA the products could round
-        differently from autograd's, and that path is not tested here)."""
-        if not self._critic_features_are_fixed or self._critic_batch_norm_stats or self.device.type != "cpu":
-            return None
-        discrete = isinstance(self.action_space, spaces.Discrete)
-        head: Any = self.critic.q_net if discrete else self.critic.q_networks[0]  # type: ignore[index]
-        head_target: Any = self.critic_target.q_net if discrete else self.critic_target.q_networks[0]  # type: ignore[index]
-        layers, target_layers = plain_mlp(head), plain_mlp(head_target)
-        if layers is None or target_layers is None:
-            return None
-        flat = [tensor for pair in layers for tensor in pair]
-        params = list(self.critic.parameters())
-        if len(flat) != len(params) or not all(a is b for a, b in zip(flat, params)):
-            return None
-        return layers, target_layers
-
     def _train_critic(self) -> None:
-        """``ceil(qprop_critic_updates_per_step * n_steps * n_envs)`` TD steps once the replay holds
-        ``qprop_warmup_steps`` transitions (step 3). Each step: a minibatch of ``qprop_critic_batch_size``
-        transitions drawn uniformly (with replacement) from the replay buffer, the MSE to the targets of
-        :meth:`_critic_td_targets`, one Adam step, then the polyak update of the target critic.
-
-        With the default critic (parameter-free features, a ReLU MLP head, fused Adam) the forward and backward
-        passes and the Adam step are computed by hand (:mod:`pgvar.algos._critic_step`): the same arithmetic
-        without autograd's and ``Optimizer.step``'s per-call bookkeeping, which dominate at batch 64 on a CPU."""
-        replay = self.replay_buffer
-        stored = replay.size() * replay.n_envs
+        """``ceil(qprop_critic_updates_per_step * n_steps * n_envs)`` TD steps of the critic (step 3; see
+        :meth:`QPropCritic.train <pgvar.algos.qprop_critic.QPropCritic.train>`) once the replay buffer holds
+        ``qprop_warmup_steps`` transitions, with the model's current critic options (they rule, also after
+        ``load(custom_objects=...)``)."""
+        critic = self.qprop_critic
+        stored = critic.replay_size
         self.logger.record("pgvar/qprop_replay_size", stored)
         if stored < max(self.qprop_warmup_steps, 1):
             return
+        critic.learning_rate = self.qprop_critic_learning_rate
+        critic.batch_size = self.qprop_critic_batch_size
+        critic.tau = self.qprop_critic_tau
+        critic.gamma = self.gamma
         n_updates = math.ceil(self.qprop_critic_updates_per_step * self.n_steps * self.n_envs)
-        batch_size = self.qprop_critic_batch_size
-        self.critic.set_training_mode(True)
-        for group in self.critic.optimizer.param_groups:  # the attribute rules (also after load with custom_objects)
-            group["lr"] = self.qprop_critic_learning_rate
-        params: list[th.Tensor] = list(self.critic.parameters())
-        target_params: list[th.Tensor] = list(self.critic_target.parameters())
-        adam_step = AdamStep(self.critic.optimizer, params)
-        plain_layers = self._critic_plain_layers()
-        losses = []
-
-        def after_step(loss: th.Tensor, grads: Sequence[th.Tensor | None]) -> None:
-            adam_step(grads)
-            with th.no_grad():  # polyak: target <- (1 - tau) target + tau w, one multi-tensor call
-                th._foreach_lerp_(target_params, params, self.qprop_critic_tau)
-            if self._critic_batch_norm_stats:
-                polyak_update(self._critic_batch_norm_stats, self._critic_batch_norm_stats_target, 1.0)
-            losses.append(loss.detach())
-
-        for first in range(0, n_updates, _CRITIC_STEPS_PER_DRAW):
-            n_draw = min(_CRITIC_STEPS_PER_DRAW, n_updates - first)
-            with self._private_numpy_random():  # n_draw minibatches at once (uniform with replacement, like one by one)
-                drawn = replay.sample(n_draw * batch_size, env=self._vec_normalize_env)
-            if plain_layers is not None:
-                layers, target_layers = plain_layers
-                for batch in self._critic_head_minibatches(drawn, batch_size):
-                    next_q = mlp_forward(target_layers, batch.next_inputs)
-                    if batch.next_probs is not None:
-                        next_q = (batch.next_probs * next_q).sum(dim=1, keepdim=True)
-                    targets = th.addcmul(batch.rewards, batch.discounts, next_q)  # r + gamma (1 - term) Q'(s', mu(s'))
-                    after_step(*mlp_mse_gradients(layers, batch.inputs, targets, batch.taken))
-                continue
-            for q, next_q, rewards, discounts in self._critic_minibatches(drawn, batch_size):
-                with th.no_grad():
-                    targets = th.addcmul(rewards, discounts, next_q())  # r + gamma (1 - terminated) Q'(s', mu(s'))
-                loss = F.mse_loss(q(), targets)
-                # autograd.grad skips the AccumulateGrad nodes of backward(): about 0.1 ms less per step on a CPU
-                after_step(loss, th.autograd.grad(loss, params, allow_unused=True))
-        self.critic.set_training_mode(False)
-        self.critic_n_updates += n_updates
-        self.logger.record("pgvar/qprop_critic_loss", float(th.stack(losses).mean()))
+        stats = critic.train(n_updates, self.policy, env=self._vec_normalize_env)
+        self.critic_n_updates += stats.n_updates
+        self.logger.record("pgvar/qprop_critic_loss", stats.loss)
         self.logger.record("pgvar/qprop_critic_updates", self.critic_n_updates)
 
     # -------------------------------------------------------------------------------------------- train
@@ -790,40 +466,67 @@ class QPropMixin(_Base):
         """The algorithm's own policy step with the Q-Prop terms (QPropPPO: clipped epochs; QPropTRPO: the
         natural-gradient step), implemented by each class."""
 
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str | None = None,
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> Any:
+        """SB3's ``learn``; TensorBoard runs are named after the class (``QPropPPO_1``, ``QPropTRPO_1``, ...), not
+        ``PPO_N`` / ``TRPO_N``, so they do not share numbering with the plain algorithms' runs."""
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
     # --------------------------------------------------------------------------------------- save/load
     def _excluded_save_params(self) -> list[str]:
-        excluded = super()._excluded_save_params()
-        return [*excluded, "critic", "critic_target", "_critic_batch_norm_stats", "_critic_batch_norm_stats_target"]
+        return [*super()._excluded_save_params(), "qprop_critic"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts, torch_variables = super()._get_torch_save_params()
         return [*state_dicts, "critic", "critic_target", "critic.optimizer"], torch_variables
 
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """Save like the other pgvar models (SB3's zip, atomically), with the critic's networks, its optimizer and
+        the state of its replay stream (JSON in the zip's ``data``); not the replay buffer: :meth:`save_replay_buffer`.
+        """
+        self._qprop_random_state = self.qprop_critic.random_state_json
+        try:
+            super().save(path, exclude=exclude, include=include)
+        finally:
+            del self._qprop_random_state
+
     def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
-        """Save the critic's replay buffer as a pickle file (SB3's ``OffPolicyAlgorithm.save_replay_buffer``).
+        """Save the critic's replay buffer (numpy arrays and JSON metadata in one zip, no pickle), atomically.
 
         ``save()`` does not include it (it can hold a million transitions); save it next to the model to resume
         training exactly where it stopped.
 
-        :param path: path of the file (``.pkl`` is appended when it has no suffix) or a file object
+        :param path: path of the file (``.npz`` is appended when it has no suffix) or a file object
         """
-        save_to_pkl(path, self.replay_buffer, self.verbose)
+        self.qprop_critic.save_replay_buffer(path)
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
-        """Load a replay buffer saved by :meth:`save_replay_buffer` (``ValueError`` if it does not fit the model).
+        """Load a replay buffer saved by :meth:`save_replay_buffer` (``ValueError`` if it does not fit the model, or
+        if the file is not such a file: a pickle is refused and never run).
 
         Without it, a loaded model keeps its trained critic and uses the control variate at once, but trains the
         critic again only when the new replay buffer holds ``qprop_warmup_steps`` transitions.
 
-        :param path: path of the pickle file or a file object
+        :param path: path of the file (``.npz`` is tried too) or a file object
         """
-        replay = load_from_pkl(path, self.verbose)
-        if not isinstance(replay, ReplayBuffer):  # DictReplayBuffer is a subclass
-            raise ValueError(f"the file must hold an SB3 ReplayBuffer or DictReplayBuffer, got {type(replay).__name__}")
-        if replay.n_envs != self.n_envs or replay.obs_shape != self.replay_buffer.obs_shape:
-            raise ValueError(
-                f"the replay buffer has n_envs={replay.n_envs} and observations of shape {replay.obs_shape}, the model "
-                f"n_envs={self.n_envs} and {self.replay_buffer.obs_shape}"
-            )
-        replay.device = self.device
-        self.replay_buffer = replay
+        self.qprop_critic.load_replay_buffer(path)
+

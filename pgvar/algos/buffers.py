@@ -17,12 +17,13 @@ estimators' one and calls them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+from stable_baselines3.common.type_aliases import TensorDict
 
 from pgvar._validation import check_choice
 from pgvar.estimators import (
@@ -145,3 +146,82 @@ class EstimatorRolloutBuffer(EstimatorBufferMixin, RolloutBuffer):
 
 class EstimatorDictRolloutBuffer(EstimatorBufferMixin, DictRolloutBuffer):
     """SB3's ``DictRolloutBuffer`` (dict observations) with returns and advantages from :mod:`pgvar.estimators`."""
+
+
+# ------------------------------------------------------------------------------------------------ Q-Prop
+class QPropRolloutBufferSamples(NamedTuple):
+    """SB3's ``RolloutBufferSamples`` plus the Q-Prop weight :math:`\\eta` of each sample."""
+
+    observations: th.Tensor
+    actions: th.Tensor
+    old_values: th.Tensor
+    old_log_prob: th.Tensor
+    #: the Q-Prop learning signal :math:`\hat A - \eta \bar A` (not yet normalized per minibatch)
+    advantages: th.Tensor
+    returns: th.Tensor
+    #: :math:`\eta` of each sample (already divided by the batch std with ``normalize_advantage="batch"`` and
+    #: ``qprop_normalization="consistent"``)
+    qprop_etas: th.Tensor
+
+
+class QPropDictRolloutBufferSamples(NamedTuple):
+    """SB3's ``DictRolloutBufferSamples`` plus the Q-Prop weight :math:`\\eta` of each sample."""
+
+    observations: TensorDict
+    actions: th.Tensor
+    old_values: th.Tensor
+    old_log_prob: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+    qprop_etas: th.Tensor
+
+
+class QPropBufferMixin(EstimatorBufferMixin):
+    """A pgvar estimator buffer that also carries the Q-Prop :math:`\\eta` of each step to the minibatches.
+
+    ``advantages`` hold :math:`\\hat A` after ``compute_returns_and_advantage`` and are replaced by the learning
+    signal in ``QPropPPO.train`` / ``QPropTRPO.train``; ``qprop_etas`` (``[T, N]``, flattened like the other fields
+    by ``get``) hold :math:`\\eta`. ``normalize_batch`` is accepted and ignored: Q-Prop normalizes the learning
+    signal :math:`\\hat A - \\eta \\bar A` together with :math:`\\eta`, never :math:`\\hat A` alone.
+
+    A custom rollout buffer for QPropPPO / QPropTRPO subclasses :class:`QPropRolloutBuffer` (or
+    :class:`QPropDictRolloutBuffer` for dict observations).
+    """
+
+    qprop_etas: np.ndarray
+
+    def __init__(self, *args: Any, normalize_batch: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, normalize_batch=False, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        self.qprop_etas = np.zeros((self.buffer_size, self.n_envs), dtype=np.float32)
+
+    def get(self, batch_size: int | None = None) -> Iterator[Any]:
+        if not self.generator_ready:  # type: ignore[attr-defined]
+            self.qprop_etas = self.swap_and_flatten(self.qprop_etas)  # type: ignore[attr-defined]
+        yield from super().get(batch_size)  # type: ignore[misc]
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> Any:
+        samples: Any = super()._get_samples(batch_inds, env)  # type: ignore[misc]
+        etas = self.to_torch(self.qprop_etas[batch_inds].flatten())  # type: ignore[attr-defined]
+        if isinstance(samples.observations, dict):
+            return QPropDictRolloutBufferSamples._make((*samples, etas))
+        return QPropRolloutBufferSamples._make((*samples, etas))
+
+
+class QPropRolloutBuffer(QPropBufferMixin, EstimatorRolloutBuffer):  # type: ignore[misc]
+    """:class:`EstimatorRolloutBuffer` with the per-step Q-Prop :math:`\\eta` (see :class:`QPropBufferMixin`)."""
+
+
+class QPropDictRolloutBuffer(QPropBufferMixin, EstimatorDictRolloutBuffer):  # type: ignore[misc]
+    """:class:`EstimatorDictRolloutBuffer` (dict observations) with the per-step Q-Prop :math:`\\eta`."""
+
+
+__all__ += [
+    "QPropBufferMixin",
+    "QPropDictRolloutBuffer",
+    "QPropDictRolloutBufferSamples",
+    "QPropRolloutBuffer",
+    "QPropRolloutBufferSamples",
+]

@@ -3,7 +3,8 @@
 :class:`QPropPPO` and :class:`QPropTRPO` are :class:`pgvar.PPO <pgvar.algos.PPO>` and
 :class:`pgvar.TRPO <pgvar.algos.TRPO>` plus the Q-Prop estimator (Gu et al. 2017, arXiv:1611.02247, Eq. 8-9)
 and Tucker et al.'s consistent normalization (2018, arXiv:1802.10031). Everything they share is
-:class:`~pgvar.algos._qprop_mixin.QPropMixin`; each class here adds its constructor and ``_train_policy``, which
+:class:`~pgvar.algos._qprop_mixin.QPropMixin`, which holds the critic as a
+:class:`~pgvar.algos.qprop_critic.QPropCritic`; each class here adds its constructor and ``_train_policy``, which
 is SB3's PPO / sb3-contrib's TRPO ``train()`` copied with the changes marked ``# Q-Prop`` (the advantages become the
 normalized learning signal, and the analytic term joins the objective). The copies are forced by SB3's structure:
 the objective is a local variable of ``train()``, with no hook to extend it.
@@ -57,7 +58,9 @@ _QPROP_PARAMETERS = """
     :param qprop_critic_updates_per_step: critic TD steps per collected environment step (default 1.0:
         ``n_steps * n_envs`` steps per rollout, the official ``qf_updates_ratio=1``)
     :param qprop_critic_tau: soft (polyak) update rate of the target critic, in ``(0, 1]`` (default ``1e-3``)
-    :param qprop_buffer_size: capacity of the critic's replay buffer in transitions (default ``1_000_000``)
+    :param qprop_buffer_size: capacity of the critic's replay buffer in transitions (default ``1_000_000``;
+        reserved at construction: ``ValueError`` if it is larger than the machine's memory, a warning if larger
+        than the memory available, see :func:`~pgvar.algos.qprop_critic.replay_buffer_nbytes`)
     :param qprop_warmup_steps: transitions the replay buffer must hold before the critic is trained (default
         1000, the official ``min_pool_size``); until the critic's first update the plain estimator is used
         (:math:`\\eta = 0`)
@@ -75,8 +78,11 @@ _COMMON_NOTES = """
     Logs ``pgvar/qprop_eta_mean``, ``pgvar/signal_var_before`` / ``pgvar/signal_var_after`` (variance of
     :math:`\\hat A` and of the learning signal over the rollout), ``pgvar/qprop_critic_loss`` and
     ``pgvar/qprop_critic_explained_variance`` (of the rollout's TD(lambda) returns by :math:`Q_w(s_t, a_t)`,
-    before the critic trains on that rollout). Save the replay buffer with ``save_replay_buffer`` (``save()``
-    keeps the policy, the critic, its target and both optimizers).
+    before the critic trains on that rollout). The critic, its optimizer and replay buffer are
+    ``model.qprop_critic`` (:class:`~pgvar.algos.qprop_critic.QPropCritic`); the replay buffer of
+    ``qprop_buffer_size`` transitions is reserved when the model is built (its memory is checked first). Save the
+    replay buffer with ``save_replay_buffer`` (numpy arrays and JSON, no pickle; ``save()`` keeps the policy, the
+    critic, its target and both optimizers).
 
     Papers: Gu, Lillicrap, Ghahramani, Turner, Levine (2017), "Q-Prop: Sample-Efficient Policy Gradient with an
     Off-Policy Critic", ICLR, arXiv:1611.02247; Tucker, Bhupatiraju, Gu, Turner, Ghahramani, Levine (2018), "The

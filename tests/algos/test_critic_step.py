@@ -11,7 +11,14 @@ from stable_baselines3.common.torch_layers import create_mlp
 from torch import nn
 
 from pgvar import QPropPPO, QPropTRPO
-from pgvar.algos._critic_step import AdamStep, mlp_forward, mlp_mse_gradients, plain_mlp
+from pgvar.algos._critic_step import (
+    AdamStep,
+    mlp_forward,
+    mlp_mse_gradients,
+    plain_mlp,
+    polyak_update,
+    td_targets,
+)
 
 
 def make_head(in_dim: int, out_dim: int, arch: list[int], seed: int = 0) -> nn.Sequential:
@@ -139,9 +146,10 @@ def test_training_by_hand_follows_the_autograd_path(make_short_env, cls, env_id)
         model = cls("MlpPolicy", make_short_env(env_id, 2, 10), n_steps=32, batch_size=32, seed=0, qprop_warmup_steps=64,
                     qprop_critic_batch_size=16, policy_kwargs={"net_arch": [16]},
                     qprop_critic_net_arch=[32, 32])  # fmt: skip
-        assert (model._critic_plain_layers() is not None) is True
+        assert model.qprop_critic.by_hand is True
         if not by_hand:
-            model._critic_plain_layers = lambda: None  # the autograd path
+            model.qprop_critic = model._make_qprop_critic(by_hand=False)  # the autograd path, same seed
+            assert model.qprop_critic.by_hand is False
         else:
             initial = [p.detach().clone() for p in model.critic.parameters()]
         model.learn(3 * 32 * 2)
@@ -158,3 +166,32 @@ def test_training_by_hand_follows_the_autograd_path(make_short_env, cls, env_id)
     assert all(float(s) == 3 * 32 * 2 for s in steps)
     moved = [not torch.equal(a, b) for a, b in zip(by_hand.critic.parameters(), initial)]
     assert all(moved)  # the critic really trained
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_td_targets_is_the_ddpg_target(discrete):
+    """y = r + gamma (1 - terminated) Q'(s', mu(s')) (Box) or r + gamma (1 - terminated) sum_a' pi(a'|s') Q'(s', a')."""
+    generator = torch.Generator().manual_seed(2)
+    rewards, terminated = torch.randn(6, 1, generator=generator), torch.tensor([[0.0], [1.0], [0.0], [0.0], [1.0], [0.0]])
+    next_q = torch.randn(6, 3 if discrete else 1, generator=generator)
+    probs = torch.softmax(torch.randn(6, 3, generator=generator), dim=1) if discrete else None
+    got = td_targets(rewards, 0.9 * (1 - terminated), next_q, probs)
+    expected = []
+    for row in range(6):
+        value = sum(probs[row, a] * next_q[row, a] for a in range(3)) if discrete else next_q[row, 0]
+        expected.append(rewards[row, 0] + (0.0 if terminated[row, 0] else 0.9 * value))
+    torch.testing.assert_close(got, torch.stack(expected).reshape(6, 1))
+    assert torch.equal(got[terminated.bool()], rewards[terminated.bool()])  # terminations do not bootstrap
+
+
+def test_polyak_update_moves_the_target_and_copies_batch_norm_statistics():
+    online, target = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        online.weight.fill_(2.0)
+        online.running_mean.fill_(5.0)
+    stats = [online.state_dict()[n] for n in ("running_mean", "running_var")]
+    target_stats = [target.state_dict()[n] for n in ("running_mean", "running_var")]
+    polyak_update(list(target.parameters()), list(online.parameters()), 0.25, target_stats, stats)
+    torch.testing.assert_close(target.weight, torch.full((3,), 0.75 * 1.0 + 0.25 * 2.0))
+    torch.testing.assert_close(target.running_mean, torch.full((3,), 5.0))  # copied, not averaged
+    assert all(not p.requires_grad or p.grad is None for p in target.parameters())

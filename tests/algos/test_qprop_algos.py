@@ -18,8 +18,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
-from pgvar.algos import PPO, TRPO
-from pgvar.algos._qprop_mixin import QPropDictRolloutBuffer, QPropRolloutBuffer
+from pgvar.algos import PPO, TRPO, QPropDictRolloutBuffer, QPropRolloutBuffer
+from pgvar.algos._critic_step import td_targets
 from pgvar.algos.qprop import QPropPPO, QPropTRPO
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -231,12 +231,15 @@ def test_replay_has_raw_rewards_true_next_observations_and_truncation_flags(env_
     if vec_normalize:  # the critic sees what the policy sees: VecNormalize-d observations and rewards
         return
     with torch.no_grad():
-        targets = model._critic_td_targets(samples)
         distribution = model.policy.get_distribution(samples.next_observations).distribution
+        discounts = model.gamma * (1 - samples.dones)
         if env_id == "Pendulum-v1":
             next_q = model.critic_target(samples.next_observations, distribution.mean)[0]
+            targets = td_targets(samples.rewards, discounts, next_q)
         else:
-            next_q = (distribution.probs * model.critic_target(samples.next_observations)).sum(1, keepdim=True)
+            all_q = model.critic_target(samples.next_observations)
+            targets = td_targets(samples.rewards, discounts, all_q, distribution.probs)
+            next_q = (distribution.probs * all_q).sum(1, keepdim=True)
     terminated = torch.tensor([r[4] for env_records in zip(*records) for r in env_records], dtype=torch.float32)
     rewards = torch.tensor([r[2] for env_records in zip(*records) for r in env_records], dtype=torch.float32)
     expected = rewards + 0.99 * (1 - terminated) * next_q.flatten()
@@ -266,13 +269,14 @@ def test_one_critic_step_is_adam_on_the_td_error_then_polyak(make_short_env, env
         policy_kwargs["features_extractor_class"] = LearnedFeatures
     model = make_model(QPropTRPO, make_short_env(env_id, 2, 10), qprop_critic_tau=0.25, qprop_critic_batch_size=16,
                        policy_kwargs=policy_kwargs)  # fmt: skip
-    assert model._critic_features_are_fixed is (features == "flatten")
+    assert model.qprop_critic.features_are_fixed is (features == "flatten")
+    assert model.qprop_critic.by_hand is (features == "flatten")
     model.learn(2 * N_STEPS * 2)
     model.qprop_critic_updates_per_step = 1 / (N_STEPS * 2)  # exactly one TD step
     critic, target = copy.deepcopy(model.critic), copy.deepcopy(model.critic_target)
     optimizer = torch.optim.Adam(critic.parameters(), lr=model.qprop_critic_learning_rate)
     optimizer.load_state_dict(copy.deepcopy(model.critic.optimizer.state_dict()))  # (state tensors are shared)
-    random_state = copy.deepcopy(model._qprop_np_random_state)
+    random_state = copy.deepcopy(model.qprop_critic.random_state)
     global_state = np.random.get_state()  # noqa: NPY002 (SB3's buffers draw from the legacy global state)
     model._train_critic()
     assert np.random.get_state()[1].tolist() == global_state[1].tolist()  # SB3's stream is untouched  # noqa: NPY002
@@ -489,12 +493,12 @@ def test_save_load_round_trip_and_resume(tmp_path, make_short_env):
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(loaded_state["state"][index][key]), torch.as_tensor(value))
     assert loaded.replay_buffer.size() == 0  # not in the zip
-    loaded.load_replay_buffer(tmp_path / "replay.pkl")
+    loaded.load_replay_buffer(tmp_path / "replay.npz")
     for field in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
         np.testing.assert_array_equal(getattr(loaded.replay_buffer, field), getattr(model.replay_buffer, field))
     assert loaded.replay_buffer.pos == model.replay_buffer.pos
     # The replay minibatch stream continues where the saved model left it (not reseeded by load()).
-    saved_stream, loaded_stream = model._qprop_np_random_state, loaded._qprop_np_random_state
+    saved_stream, loaded_stream = model.qprop_critic.random_state, loaded.qprop_critic.random_state
     assert saved_stream[0] == loaded_stream[0] and saved_stream[2:] == loaded_stream[2:]
     np.testing.assert_array_equal(saved_stream[1], loaded_stream[1])
     # Resume: the control variate is on at once, the critic keeps training from its saved state.
@@ -514,10 +518,10 @@ def test_save_load_round_trip_and_resume(tmp_path, make_short_env):
 def test_load_replay_buffer_rejects_a_mismatch(tmp_path, make_short_env):
     model = make_model(QPropPPO, make_short_env("Pendulum-v1", 2, 10))
     model.learn(N_STEPS * 2)
-    model.save_replay_buffer(tmp_path / "replay.pkl")
+    model.save_replay_buffer(tmp_path / "replay.npz")
     other = make_model(QPropPPO, make_short_env("Pendulum-v1", 1, 10))
     with pytest.raises(ValueError, match="n_envs=2"):
-        other.load_replay_buffer(tmp_path / "replay.pkl")
+        other.load_replay_buffer(tmp_path / "replay.npz")
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -1,0 +1,93 @@
+"""The replay feed: every transition an SB3 on-policy algorithm collects also goes into an off-policy replay buffer.
+
+SB3's ``collect_rollouts`` is not copied: the callback it is given is wrapped by :class:`ReplayFeed`, which stores
+each vectorized step with the logic of SB3's ``OffPolicyAlgorithm._store_transition`` before it forwards the
+call. Used by Q-Prop (:class:`~pgvar.algos.qprop_critic.QPropCritic` trains on the buffer).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+__all__ = ["ReplayFeed", "store_transition"]
+
+
+class ReplayFeed(BaseCallback):
+    """Wraps the callback given to ``collect_rollouts``: stores each transition in the replay buffer, then forwards.
+
+    ``collect_rollouts`` calls ``update_locals`` and ``on_step`` right after ``env.step`` and **before** it adds
+    ``gamma * V(final observation)`` to the rewards of truncated episodes (in place), so the rewards seen here
+    are the environment's.
+
+    :param algorithm: the algorithm whose ``collect_rollouts`` runs (its last observations and ``VecNormalize``)
+    :param replay_buffer: where the transitions go
+    :param callback: the callback to forward every call to
+    """
+
+    def __init__(self, algorithm: OnPolicyAlgorithm, replay_buffer: ReplayBuffer, callback: BaseCallback) -> None:
+        super().__init__()
+        self.algorithm = algorithm
+        self.replay_buffer = replay_buffer
+        self.callback = callback
+
+    def on_rollout_start(self) -> None:
+        self.callback.on_rollout_start()
+
+    def update_locals(self, locals_: dict[str, Any]) -> None:
+        self.locals = locals_
+        self.callback.update_locals(locals_)
+
+    def on_step(self) -> bool:
+        store_transition(self.algorithm, self.replay_buffer, self.locals)
+        return self.callback.on_step()
+
+    def on_rollout_end(self) -> None:
+        self.callback.on_rollout_end()
+
+    def _on_step(self) -> bool:  # pragma: no cover - on_step is overridden
+        return True
+
+
+def store_transition(algorithm: OnPolicyAlgorithm, replay_buffer: ReplayBuffer, step_locals: dict[str, Any]) -> None:
+    """Add one vectorized step to ``replay_buffer``, as SB3's ``OffPolicyAlgorithm._store_transition`` does.
+
+    Unnormalized observations and rewards (``VecNormalize`` normalizes them again when the critic samples),
+    the action the policy sampled (before clipping to the action bounds: the :math:`a` of
+    :math:`a - \\mu(s)`), and for finished episodes the final observation from
+    ``infos[i]["terminal_observation"]`` instead of the reset observation.
+
+    :param algorithm: the collecting algorithm (its ``_last_obs``; with ``VecNormalize``, its
+        ``_last_original_obs``, which this updates)
+    :param replay_buffer: an SB3 ``ReplayBuffer`` or ``DictReplayBuffer``
+    :param step_locals: the locals of ``collect_rollouts`` right after ``env.step``
+    """
+    new_obs, rewards, dones, infos = (step_locals[key] for key in ("new_obs", "rewards", "dones", "infos"))
+    vec_normalize = algorithm._vec_normalize_env
+    if vec_normalize is not None:
+        new_obs_ = vec_normalize.get_original_obs()
+        rewards_ = vec_normalize.get_original_reward()
+        last_obs = algorithm._last_original_obs
+    else:
+        new_obs_, rewards_, last_obs = new_obs, rewards, algorithm._last_obs
+    next_obs = copy.deepcopy(new_obs_)
+    for index, done in enumerate(dones):
+        terminal = infos[index].get("terminal_observation") if done else None
+        if terminal is None:
+            continue
+        if vec_normalize is not None:
+            terminal = vec_normalize.unnormalize_obs(terminal)
+        if isinstance(next_obs, dict):
+            for key in next_obs:
+                next_obs[key][index] = terminal[key]
+        else:
+            next_obs[index] = terminal
+    actions = np.asarray(step_locals["actions"])
+    replay_buffer.add(last_obs, next_obs, actions, rewards_, dones, infos)  # type: ignore[arg-type]
+    if vec_normalize is not None:
+        algorithm._last_original_obs = new_obs_
