@@ -9,7 +9,9 @@ the rollout samplers). It holds three pieces of knowledge about SB3 that used to
    batch through the policy's ``get_distribution``, with SB3's action convention (a ``Discrete`` action is
    flattened to a ``long`` vector, as SB3's ``train()`` does), as a per-sample vector or as the summed loss
    ``loss_fn(module, *batch)`` that :mod:`pgvar.measure` takes.
-3. **Rollout flattening**: ``[T, N, ...]`` buffer arrays to ``[T * N, ...]`` rows, time-major
+3. **Acting like SB3**: the env sees a ``Box`` action clipped to the space, the buffer stores the raw sample
+   (:func:`env_actions`).
+4. **Rollout flattening**: ``[T, N, ...]`` buffer arrays to ``[T * N, ...]`` rows, time-major
    (:func:`flatten_time_major`, a plain reshape) or in SB3's env-major ``swap_and_flatten`` order, the order
    of the rows that ``RolloutBuffer.get()`` yields (:func:`buffer_rows`).
 """
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 __all__ = [
     "actor_parameter_names",
     "buffer_rows",
+    "env_actions",
     "flatten_time_major",
     "is_actor_parameter",
     "log_prob_loss",
@@ -162,6 +165,19 @@ def log_prob_loss(
         return log_prob(module, actions, observations).sum()
 
     return score_loss
+
+
+# ------------------------------------------------------------------------------------------------ acting
+def env_actions(action_space: spaces.Space, actions: np.ndarray) -> np.ndarray:
+    """The actions the environment sees: ``Box`` actions clipped to the space, as SB3's ``collect_rollouts``
+    does (SB3 stores and scores the raw sample); other spaces unchanged.
+
+    >>> env_actions(spaces.Box(-1.0, 1.0, shape=(2,)), np.array([[0.5, 3.0]]))
+    array([[0.5, 1. ]])
+    """
+    if isinstance(action_space, spaces.Box):
+        return np.clip(actions, action_space.low, action_space.high)
+    return actions
 
 
 # ------------------------------------------------------------------------------------------- flattening

@@ -4,7 +4,12 @@ Every function takes time-major ``[T, N]`` tensors where time matters, states it
 docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
 """
 
-from pgvar.estimators.baselines import batch_mean_baseline, optimal_constant_baseline
+from pgvar.estimators.baselines import (
+    CONSTANT_BASELINES,
+    batch_mean_baseline,
+    constant_baseline,
+    optimal_constant_baseline,
+)
 from pgvar.estimators.control_variates import (
     QPROP_ETA_RULES,
     QPROP_ETA_SCOPES,
@@ -33,6 +38,7 @@ from pgvar.estimators.soft_q import (
 )
 
 __all__ = [
+    "CONSTANT_BASELINES",
     "NORMALIZATION_MODES",
     "QPROP_ETA_RULES",
     "QPROP_ETA_SCOPES",
@@ -43,6 +49,7 @@ __all__ = [
     "all_action_control_variate",
     "batch_mean_baseline",
     "boltzmann_log_probs",
+    "constant_baseline",
     "discounted_returns",
     "entropy_regularized_pg_loss",
     "gae_advantages",

@@ -93,6 +93,7 @@ class TabularMDP(gym.Env):
         self.n_states = int(check_positive("n_states", n_states, integer=True))
         self.n_actions = int(check_positive("n_actions", n_actions, integer=True))
         self.gamma = check_unit_interval("gamma", gamma)
+        self.horizon: int | None = None  # episodes end at random: the values do not depend on the time step
         termination_prob = check_unit_interval("termination_prob", termination_prob)
         if termination_prob <= 0.0:
             raise ValueError(
