@@ -120,6 +120,8 @@ class GradientVarianceCallback(BaseCallback):
         trick cannot handle), ``"norms"`` or ``"vmap"``
     :param seed: seed of the callback's own generator for drawing minibatches; ``None``: the model's seed
     :param verbose: 0 silent, 1 warnings about skipped measurements, 2 also a line per measurement
+    :raises TypeError: at the start of ``learn()``, for a model that is not an on-policy algorithm (SAC, DQN, ...:
+        there is no rollout buffer to measure)
 
     .. code-block:: python
 
@@ -177,10 +179,9 @@ class GradientVarianceCallback(BaseCallback):
         """Raise ``TypeError`` unless ``model`` is an on-policy algorithm (it measures its rollout buffer)."""
         from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
-        if isinstance(model, OffPolicyAlgorithm) or getattr(model, "rollout_buffer", None) is None:
-            kind = "an off-policy algorithm (replay buffer)" if isinstance(model, OffPolicyAlgorithm) else (
-                "a model without a rollout_buffer"
-            )
+        off_policy = isinstance(model, OffPolicyAlgorithm)
+        if off_policy or getattr(model, "rollout_buffer", None) is None:
+            kind = "an off-policy algorithm (replay buffer)" if off_policy else "a model without a rollout_buffer"
             raise TypeError(
                 f"GradientVarianceCallback measures the policy gradient of an on-policy algorithm's rollout buffer "
                 f"(SB3's PPO and A2C, sb3-contrib's TRPO, pgvar's on-policy classes); got {type(model).__name__}, "
