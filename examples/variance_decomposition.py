@@ -1,7 +1,7 @@
 """The Mirage decomposition on HalfCheetah: where the variance of a QPropTRPO policy's gradient comes from.
 
 Trains pgvar.QPropTRPO briefly, then restores the MuJoCo simulator at states the policy visits and rolls out independent
-continuations (pgvar.nested_rollouts), and splits the per-sample policy-gradient variance into the trajectory term
+continuations (pgvar.rollouts), and splits the per-sample policy-gradient variance into the trajectory term
 Sigma_tau, the action term Sigma_a for each baseline (none, the learned V, a Monte Carlo V, and Q-Prop's control
 variate: V plus the fitted critic's Taylor advantage), and the bound on the state term (Tucker et al. 2018,
 arXiv:1802.10031).
@@ -18,7 +18,7 @@ import time
 import torch
 
 from pgvar import QPropTRPO
-from pgvar.nested_rollouts import sample_nested_rollouts
+from pgvar.rollouts import sample_nested_rollouts
 
 SMOKE = os.environ.get("PGVAR_EXAMPLE_SMOKE", "0") not in ("", "0")
 ENV_ID = "Pendulum-v1" if SMOKE else "HalfCheetah-v5"

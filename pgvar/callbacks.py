@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import Tensor, nn
 
+from pgvar._sb3_policy import actor_parameter_names, buffer_rows, log_prob_loss
 from pgvar._validation import check_choice, check_positive
 from pgvar.estimators import normalize_advantages
 from pgvar.measure import (
@@ -57,21 +57,6 @@ KEY_BATCH_SIZE = "pgvar/pg_grad_batch_size"
 KEY_CLIP_NORM_MEAN = "pgvar/grad_norm_before_clip"
 KEY_CLIP_NORM_MAX = "pgvar/grad_norm_before_clip_max"
 KEY_CLIP_FRACTION = "pgvar/grad_clip_fraction"
-
-
-def actor_parameter_names(policy: nn.Module) -> list[str]:
-    """Return the names of the policy's actor parameters: those with ``requires_grad`` whose name has no "value".
-
-    This is sb3-contrib TRPO's rule (``_compute_actor_grad``): on SB3's built-in ``ActorCriticPolicy`` it keeps
-    ``log_std``, ``mlp_extractor.policy_net.*``, ``action_net.*`` and the shared features extractor, and drops
-    ``mlp_extractor.value_net.*`` and ``value_net.*``. A parameter kept by the rule that the action distribution
-    does not use (e.g. ``vf_features_extractor.*`` with ``share_features_extractor=False``) has a zero
-    gradient, so it changes no statistic, only the cost.
-
-    :param policy: an SB3 policy (any ``nn.Module``)
-    :return: parameter names, in ``named_parameters`` order
-    """
-    return [name for name, param in policy.named_parameters() if param.requires_grad and "value" not in name]
 
 
 class GradientVarianceCallback(BaseCallback):
@@ -135,6 +120,8 @@ class GradientVarianceCallback(BaseCallback):
         trick cannot handle), ``"norms"`` or ``"vmap"``
     :param seed: seed of the callback's own generator for drawing minibatches; ``None``: the model's seed
     :param verbose: 0 silent, 1 warnings about skipped measurements, 2 also a line per measurement
+    :raises TypeError: at the start of ``learn()``, for a model that is not an on-policy algorithm (SAC, DQN, ...:
+        there is no rollout buffer to measure)
 
     .. code-block:: python
 
@@ -180,11 +167,26 @@ class GradientVarianceCallback(BaseCallback):
 
     # ------------------------------------------------------------------------------------------ SB3 hooks
     def _init_callback(self) -> None:
+        self._check_on_policy(self.model)
         seed = self.seed if self.seed is not None else getattr(self.model, "seed", None)
         self._rng = np.random.default_rng(seed)
 
     def _on_step(self) -> bool:
         return True
+
+    @staticmethod
+    def _check_on_policy(model: Any) -> None:
+        """Raise ``TypeError`` unless ``model`` is an on-policy algorithm (it measures its rollout buffer)."""
+        from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+        off_policy = isinstance(model, OffPolicyAlgorithm)
+        if off_policy or getattr(model, "rollout_buffer", None) is None:
+            kind = "an off-policy algorithm (replay buffer)" if off_policy else "a model without a rollout_buffer"
+            raise TypeError(
+                f"GradientVarianceCallback measures the policy gradient of an on-policy algorithm's rollout buffer "
+                f"(SB3's PPO and A2C, sb3-contrib's TRPO, pgvar's on-policy classes); got {type(model).__name__}, "
+                f"{kind}"
+            )
 
     def _on_rollout_end(self) -> None:
         self._n_rollouts += 1
@@ -262,7 +264,7 @@ class GradientVarianceCallback(BaseCallback):
             return {}
 
         device = policy.device
-        advantages = torch.as_tensor(_flat_buffer_array(buffer, "advantages"), device=device).reshape(n_total)
+        advantages = torch.as_tensor(buffer_rows(buffer, "advantages"), device=device).reshape(n_total)
         drawn = torch.as_tensor(minibatches.reshape(-1), device=device)
         if mode == "batch":
             normalized = normalize_advantages(advantages, "batch")[drawn]
@@ -275,7 +277,7 @@ class GradientVarianceCallback(BaseCallback):
         kept = minibatches.reshape(-1)[:n_kept]
         inputs = (normalized[:n_kept], *self._policy_inputs(buffer, kept, device))
         names = actor_parameter_names(policy)
-        loss_fn = _make_policy_gradient_loss(_observation_keys(buffer))
+        loss_fn = log_prob_loss(_observation_keys(buffer))
 
         with torch.enable_grad():
             stats = self._statistics(policy, loss_fn, inputs, names)
@@ -308,14 +310,12 @@ class GradientVarianceCallback(BaseCallback):
 
     def _policy_inputs(self, buffer: Any, kept: np.ndarray, device: torch.device) -> tuple[Tensor, ...]:
         """``(actions, *observation tensors)`` of the kept flat indices, as the algorithm's ``train()`` sees them."""
-        actions = torch.as_tensor(_flat_buffer_array(buffer, "actions", kept), device=device)
-        if isinstance(self.model.action_space, spaces.Discrete):
-            actions = actions.long().flatten()
+        actions = torch.as_tensor(buffer_rows(buffer, "actions", kept), device=device)
         observations = buffer.observations
         if isinstance(observations, dict):
-            parts = [_flat_buffer_array(buffer, "observations", kept, key=key) for key in observations]
+            parts = [buffer_rows(buffer, "observations", kept, key=key) for key in observations]
         else:
-            parts = [_flat_buffer_array(buffer, "observations", kept)]
+            parts = [buffer_rows(buffer, "observations", kept)]
         return (actions, *(torch.as_tensor(part, device=device) for part in parts))
 
     def _statistics(
@@ -435,33 +435,3 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def _observation_keys(buffer: Any) -> list[str] | None:
     return list(buffer.observations) if isinstance(buffer.observations, dict) else None
-
-
-def _flat_buffer_array(
-    buffer: Any, field: str, flat_indices: np.ndarray | None = None, *, key: str | None = None
-) -> np.ndarray:
-    """Entries of ``buffer.<field>`` (``[key]``) at flat indices in SB3's ``swap_and_flatten`` order (env-major).
-
-    Works before ``get()`` (arrays ``[n_steps, n_envs, ...]``) and after it (already flattened).
-    """
-    array = getattr(buffer, field)
-    if key is not None:
-        array = array[key]
-    n_steps, n_envs = int(buffer.buffer_size), int(buffer.n_envs)
-    if getattr(buffer, "generator_ready", False):  # already [n_steps * n_envs, ...]
-        return array if flat_indices is None else array[flat_indices]
-    if flat_indices is None:
-        flat_indices = np.arange(n_steps * n_envs)
-    return array[flat_indices % n_steps, flat_indices // n_steps]
-
-
-def _make_policy_gradient_loss(observation_keys: list[str] | None) -> Callable[..., Tensor]:
-    """``loss_fn(policy, adv, actions, *obs) = -sum_i adv_i log pi(a_i | s_i)`` (a sum, as pgvar.measure wants)."""
-
-    def loss_fn(module: Any, advantages: Tensor, actions: Tensor, *observations: Tensor) -> Tensor:
-        obs: Tensor | dict[str, Tensor]
-        obs = dict(zip(observation_keys, observations)) if observation_keys is not None else observations[0]
-        log_prob = module.get_distribution(obs).log_prob(actions)
-        return -(advantages * log_prob).sum()
-
-    return loss_fn

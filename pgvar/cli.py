@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pgvar._io import atomic_write
 from pgvar.compare import (
@@ -212,19 +212,21 @@ def plot_env_comparison(result: EnvComparisonResult, path: str | os.PathLike[str
     plt.close(fig)
 
 
-def _load_model(path: Path, algo: str):
+def _load_model(path: Path, algo: str) -> Any:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
     from pgvar.algos import A2C, PPO, TRPO
 
-    algorithm = {"ppo": PPO, "a2c": A2C, "trpo": TRPO}[algo]
-    return algorithm.load(path, device="cpu")
+    algorithms: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO}
+    return algorithms[algo].load(path, device="cpu")
 
 
 def run_compare_env(args: argparse.Namespace, console) -> EnvComparisonResult:
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
     model = _load_model(args.model, args.algo) if args.model is not None else None
     with Progress(console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
@@ -258,10 +260,9 @@ def run_compare(args: argparse.Namespace) -> int:
     # Rich wraps at 80 columns when stdout is not a terminal (CI logs, pipes): give the table room there.
     console = Console() if sys.stdout.isatty() else Console(width=120)
     if args.env is not None:
-        result: ComparisonResult | EnvComparisonResult = run_compare_env(args, console)
-        console.print(render_env_table(result))
-        stem = args.output / f"compare_{args.env}_seed{args.seed}"
-        plot = plot_env_comparison
+        env_result = run_compare_env(args, console)
+        console.print(render_env_table(env_result))
+        _write_results(env_result, plot_env_comparison, args.output / f"compare_{args.env}_seed{args.seed}", args, console)
     else:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"sampling {args.problem}", total=args.n_batches)
@@ -275,8 +276,12 @@ def run_compare(args: argparse.Namespace) -> int:
                 progress=lambda done: bar.update(task, completed=done),
             )
         console.print(render_table(result))
-        stem = args.output / f"compare_{args.problem}_seed{args.seed}"
-        plot = plot_comparison
+        _write_results(result, plot_comparison, args.output / f"compare_{args.problem}_seed{args.seed}", args, console)
+    return 0
+
+
+def _write_results(result: Any, plot: Callable[[Any, IO[bytes]], None], stem: Path, args: argparse.Namespace, console: Any) -> None:
+    """Write ``<stem>.json`` (every number) and, unless ``--no-plot``, ``<stem>.png``, each atomically."""
     json_path = stem.with_suffix(".json")
     _atomic_write(json_path, lambda file: file.write(json.dumps(result.to_dict(), indent=2).encode()))
     console.print(f"numbers: {json_path}")
@@ -284,7 +289,6 @@ def run_compare(args: argparse.Namespace) -> int:
         png_path = stem.with_suffix(".png")
         _atomic_write(png_path, lambda file: plot(result, file))
         console.print(f"plot:    {png_path}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -407,3 +407,17 @@ def test_bad_arguments_raise_value_error(kwargs, name):
     with pytest.raises(ValueError, match=name) as info:
         GradientVarianceCallback(**kwargs)
     assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("algo_name", ["SAC", "DQN"])
+def test_off_policy_model_is_refused_at_init_with_a_clear_error(algo_name):
+    """Issue 11.8: on SAC/DQN the callback used to fail at the first rollout end with AttributeError
+    ('... has no attribute rollout_buffer'); now learn() refuses it before any step, naming the model."""
+    import stable_baselines3
+
+    algo = getattr(stable_baselines3, algo_name)
+    env_id = "Pendulum-v1" if algo_name == "SAC" else "CartPole-v1"
+    model = algo("MlpPolicy", env_id, learning_starts=0, seed=0, device="cpu")
+    with pytest.raises(TypeError, match=f"on-policy algorithm.*got {algo_name}, an off-policy algorithm"):
+        model.learn(4, callback=GradientVarianceCallback())
+    assert model.num_timesteps == 0

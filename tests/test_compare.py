@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from pgvar import cli
-from pgvar.compare import (
-    ESTIMATORS,
-    _learning_signals,
-    _score_vectors,
-    compare_on_problem,
-    make_problem,
-)
+from pgvar.compare import ESTIMATORS, compare_on_problem, make_problem
+from pgvar.compare.fitted import FittedCritic, FittedValue
+from pgvar.compare.problem_engine import _learning_signals, _problem_returns, _qprop_estimate, _score_vectors
 from pgvar.estimators import discounted_returns
 
 
@@ -56,14 +52,14 @@ def test_reinforce_signal_matches_a_per_episode_loop():
 
 def test_compare_is_unbiased_and_orders_variance_on_the_bandit():
     result = compare_on_problem(
-        "bandit", estimators=["none", "optimal_constant", "exact_value"], batch_size=16, n_batches=150, seed=3
+        "bandit", estimators=["none", "optimal", "exact_value"], batch_size=16, n_batches=150, seed=3
     )
     # Unbiased estimators: per-coordinate z-scores stay within a Bonferroni-style bound over P coordinates.
     bound = 4.0 + math.sqrt(2 * math.log(result.n_parameters))
     for row in result.estimators:
         assert row.bias_max_abs_z < bound, row
         assert 0.0 < row.cosine <= 1.0
-    none, optimal, exact = (result.summary(n) for n in ("none", "optimal_constant", "exact_value"))
+    none, optimal, exact = (result.summary(n) for n in ("none", "optimal", "exact_value"))
     assert exact.variance < optimal.variance < none.variance
     assert none.variance_ratio == 1.0
     torch.testing.assert_close(exact.snr, result.exact_gradient_norm**2 / exact.variance)
@@ -72,9 +68,9 @@ def test_compare_is_unbiased_and_orders_variance_on_the_bandit():
 def test_compare_detects_the_bias_of_a_same_batch_mean_baseline():
     """With two one-step episodes per batch, b = (G_1 + G_2) / 2 correlates with each sample:
     E[g_1 (G_1 - b)] = E[g_1 G_1] / 2, so the estimate is grad J / 2. The engine must flag it."""
-    result = compare_on_problem("bandit", estimators=["batch_mean", "exact_value"], batch_size=2, n_batches=400)
+    result = compare_on_problem("bandit", estimators=["mean", "exact_value"], batch_size=2, n_batches=400)
     bound = 4.0 + math.sqrt(2 * math.log(result.n_parameters))
-    biased, unbiased = result.summary("batch_mean"), result.summary("exact_value")
+    biased, unbiased = result.summary("mean"), result.summary("exact_value")
     assert biased.bias_max_abs_z > bound
     assert unbiased.bias_max_abs_z < bound
     assert biased.cosine > 0  # the right direction, half the length: a scale bias, not noise
@@ -88,6 +84,18 @@ def test_compare_is_reproducible_and_serializable(tmp_path):
     assert json.loads(json.dumps(a.to_dict()))["estimators"][0]["name"] == "none"
     with pytest.raises(KeyError, match="no estimator 'nope'"):
         a.summary("nope")
+
+
+def test_batch_size_one_reports_a_zero_variance_instead_of_dividing_by_it():
+    """Issue 11.8: with one one-step bandit episode per batch the same-batch mean baseline gives G - G = 0, an
+    estimate of exactly 0 every time; ratios to that zero variance are inf / nan (ZeroDivisionError before)."""
+    result = compare_on_problem("bandit", estimators=["mean", "none"], batch_size=1, n_batches=5)
+    mean, none = result.summary("mean"), result.summary("none")
+    assert mean.variance == 0.0 and mean.snr == math.inf and math.isnan(mean.variance_ratio)
+    assert none.variance > 0 and none.variance_ratio == math.inf
+    assert json.loads(json.dumps(result.to_dict()))["batch_size"] == 1
+    # Multi-step problems work at batch size 1 as well.
+    assert compare_on_problem("tabular", batch_size=1, n_batches=3).batch_size == 1
 
 
 @pytest.mark.parametrize(
@@ -111,7 +119,7 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     code = cli.main(["compare", "--problem", "bandit", "--n-batches", "12", "--batch-size", "8", "--output", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "optimal_constant" in out and "exact_value" in out
+    assert "optimal" in out and "exact_value" in out and "optimal_constant" not in out
     data = json.loads((tmp_path / "compare_bandit_seed0.json").read_text())
     assert data["n_batches"] == 12 and len(data["estimators"]) == len(ESTIMATORS)
     assert data["versions"]["torch"] == torch.__version__
@@ -134,38 +142,6 @@ def test_cli_bad_input_exits_with_a_message_and_keeps_old_results(tmp_path, caps
 
 
 # ------------------------------------------------------------------------------------ real environments
-def test_rollout_and_gae_reproduce_sb3_collect_rollouts_with_truncations():
-    """Same policy, same seeds: our raw-reward rollout + gae_advantages equals SB3's buffer, where SB3 folds
-    the truncation bootstrap into the reward. Pendulum's 200-step time limit truncates inside the rollout."""
-    import numpy as np
-    from stable_baselines3 import PPO as SB3PPO
-    from stable_baselines3.common.env_util import make_vec_env
-
-    from pgvar.compare import collect_rollout
-    from pgvar.estimators import gae_advantages
-
-    n_steps = 250
-    model = SB3PPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=3), n_steps=n_steps, batch_size=50, seed=3, device="cpu")
-    model._setup_learn(n_steps * 2, callback=None)
-    torch.manual_seed(11)
-    from stable_baselines3.common.callbacks import CallbackList
-
-    callback = CallbackList([])
-    callback.init_callback(model)
-    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=n_steps)
-    expected = model.rollout_buffer.advantages.copy()
-
-    env = make_vec_env("Pendulum-v1", n_envs=2, seed=3)
-    torch.manual_seed(11)
-    batch, _ = collect_rollout(model.policy, env, n_steps, env.reset())
-    assert batch.truncated.any() and not batch.terminated.any()
-    adv = gae_advantages(
-        batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated,
-        gamma=model.gamma, gae_lambda=model.gae_lambda,
-    )
-    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5)
-
-
 def test_compare_on_env_constant_baselines_vanish_under_normalization():
     from pgvar.compare import compare_on_env
 
@@ -206,13 +182,11 @@ def test_cli_env_mode_with_a_saved_model(tmp_path, capsys):
 def test_qprop_estimate_equals_autograd_of_its_surrogate(name):
     """The engine's Q-Prop estimate (per-sample scores x signal + per-sample analytic terms) equals one autograd
     pass over the batch surrogate sum_t gamma^t [signal_t log pi(a_t|s_t) + analytic surrogate_t] / N."""
-    from pgvar.compare import _FittedCritic, _FittedValue, _problem_returns, _qprop_estimate
-
     problem = make_problem(name)
     params = problem.initial_parameters(0)
     generator = torch.Generator().manual_seed(4)
     fit = problem.sample_episodes(params, 256, generator)
-    value, critic = _FittedValue.fit(problem, fit, problem.gamma), _FittedCritic.fit(problem, fit, problem.gamma)
+    value, critic = FittedValue.fit(problem, fit, problem.gamma), FittedCritic.fit(problem, fit, problem.gamma)
     batch = problem.sample_episodes(params, 6, generator)
     scores = _score_vectors(problem, params, batch)
     returns = _problem_returns(problem, params, batch, problem.gamma)

@@ -20,15 +20,19 @@ A subclass's ``__init__`` calls :meth:`OnPolicyEstimatorMixin._init_estimator_op
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
-from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.preprocessing import preprocess_obs
 
+from pgvar._sb3_policy import (
+    actor_parameter_names,
+    flatten_time_major,
+    log_prob_loss,
+    preprocess_actor_observations,
+)
 from pgvar._validation import check_choice, check_unit_interval
 from pgvar.algos.buffers import (
     BASELINES,
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
 else:
     _Base = object
 
-__all__ = ["OnPolicyEstimatorMixin", "advantage_normalization_mode", "is_actor_parameter"]
+__all__ = ["OnPolicyEstimatorMixin", "advantage_normalization_mode"]
 
 #: Values ``normalize_advantage`` accepts: SB3's booleans (``True`` = per minibatch, ``False`` = none) and the modes.
 NORMALIZE_ADVANTAGE_VALUES = (True, False, *NORMALIZATION_MODES)
@@ -62,16 +66,6 @@ def advantage_normalization_mode(normalize_advantage: bool | str) -> str:
     if isinstance(normalize_advantage, str):
         return normalize_advantage
     return "minibatch" if normalize_advantage else "none"
-
-
-def is_actor_parameter(name: str) -> bool:
-    """Whether a parameter of an SB3 ``ActorCriticPolicy`` can change ``pi(a|s)`` (TRPO's rule: the critic's
-    parameters have ``value`` in their name, plus the critic's own features extractor when it is not shared).
-
-    >>> is_actor_parameter("action_net.weight"), is_actor_parameter("mlp_extractor.value_net.0.bias")
-    (True, False)
-    """
-    return "value" not in name and not name.startswith("vf_features_extractor")
 
 
 class OnPolicyEstimatorMixin(_Base):
@@ -172,45 +166,24 @@ class OnPolicyEstimatorMixin(_Base):
         For SB3's ``ActorCriticPolicy`` (``get_distribution`` not overridden) the parameter-free observation
         preprocessing (one-hot encoding of discrete observations, image scaling) runs once outside the
         differentiated function, which then follows ``get_distribution`` step by step: features extractor, actor
-        MLP, distribution. ``torch.func`` cannot trace the one-hot encoding. Other policies go through their own
+        MLP, distribution (``torch.func`` cannot trace the one-hot encoding; see
+        :func:`pgvar._sb3_policy.preprocess_actor_observations`). Other policies go through their own
         ``get_distribution``.
 
         :return: ``[T, N]`` float64
         """
         policy = self.policy
         steps, n_envs = actions.shape[:2]
-        n_samples = steps * n_envs
-
-        def flat(array: np.ndarray) -> th.Tensor:
-            return th.as_tensor(array.reshape(n_samples, *array.shape[2:]), device=self.device)
-
-        obs: th.Tensor | dict[str, th.Tensor] = (
-            {key: flat(value) for key, value in observations.items()}
-            if isinstance(observations, dict)
-            else flat(observations)
-        )
-        sb3_actor_path = type(policy).get_distribution is ActorCriticPolicy.get_distribution
-        if sb3_actor_path:
-            obs = preprocess_obs(obs, policy.observation_space, normalize_images=policy.normalize_images)
-        keys = sorted(obs) if isinstance(obs, dict) else []
-        obs_inputs = [obs[key] for key in keys] if isinstance(obs, dict) else [obs]
-        discrete = isinstance(self.action_space, spaces.Discrete)
-
-        def log_prob_sum(policy: Any, *batch: th.Tensor) -> th.Tensor:
-            *obs_batch, action_batch = batch
-            obs = dict(zip(keys, obs_batch)) if keys else obs_batch[0]
-            if discrete:
-                action_batch = action_batch.long().flatten()
-            if sb3_actor_path:
-                latent_pi = policy.mlp_extractor.forward_actor(policy.pi_features_extractor(obs))
-                distribution = policy._get_action_dist_from_latent(latent_pi)
-            else:
-                distribution = policy.get_distribution(obs)
-            return distribution.log_prob(action_batch).sum()
-
+        obs, preprocessed = preprocess_actor_observations(policy, flatten_time_major(observations, self.device))
+        keys = sorted(obs) if isinstance(obs, dict) else None
+        obs_inputs = [obs[key] for key in keys] if isinstance(obs, dict) and keys is not None else [obs]
+        loss_fn = log_prob_loss(keys, weighted=False, preprocessed=preprocessed)
         with th.enable_grad():
             sq_norms = per_sample_grad_sq_norms(
-                policy, log_prob_sum, (*obs_inputs, flat(actions).float()), params=is_actor_parameter
+                policy,
+                loss_fn,
+                (flatten_time_major(actions, self.device).float(), *obs_inputs),
+                params=actor_parameter_names(policy),
             )
         return sq_norms.reshape(steps, n_envs)
 

@@ -27,14 +27,23 @@ from stable_baselines3.common.type_aliases import TensorDict
 
 from pgvar._validation import check_choice
 from pgvar.estimators import (
-    batch_mean_baseline,
+    constant_baseline,
     discounted_returns,
     gae_advantages,
     normalize_advantages,
-    optimal_constant_baseline,
 )
 
-__all__ = ["BASELINES", "EstimatorBufferMixin", "EstimatorDictRolloutBuffer", "EstimatorRolloutBuffer"]
+__all__ = [
+    "BASELINES",
+    "EstimatorBufferMixin",
+    "EstimatorDictRolloutBuffer",
+    "EstimatorRolloutBuffer",
+    "QPropBufferMixin",
+    "QPropDictRolloutBuffer",
+    "QPropDictRolloutBufferSamples",
+    "QPropRolloutBuffer",
+    "QPropRolloutBufferSamples",
+]
 
 #: The policy-gradient baselines: a learned state value with GAE (SB3's), or a constant subtracted from the
 #: discounted return-to-go (none, the batch mean, the variance-optimal constant).
@@ -115,17 +124,15 @@ class EstimatorBufferMixin:
         self.returns = returns.numpy()
 
     def _constant_baseline(self, pg_returns: th.Tensor) -> th.Tensor:
-        if self.baseline == "none":
-            return th.zeros((), dtype=pg_returns.dtype)
-        if self.baseline == "mean":
-            return batch_mean_baseline(pg_returns)
-        if self.score_sq_norms_fn is None:
-            raise ValueError(
-                "baseline='optimal' needs score_sq_norms_fn (per-sample squared score norms); pgvar's algorithms "
-                "set it in _setup_model, a buffer used on its own must be given one"
-            )
-        score_sq_norms = self.score_sq_norms_fn(self.observations, self.actions)
-        return optimal_constant_baseline(pg_returns, score_sq_norms.to(pg_returns.dtype))
+        score_sq_norms = None
+        if self.baseline == "optimal":
+            if self.score_sq_norms_fn is None:
+                raise ValueError(
+                    "baseline='optimal' needs score_sq_norms_fn (per-sample squared score norms); pgvar's algorithms "
+                    "set it in _setup_model, a buffer used on its own must be given one"
+                )
+            score_sq_norms = self.score_sq_norms_fn(self.observations, self.actions).to(pg_returns.dtype)
+        return constant_baseline(self.baseline, pg_returns, score_sq_norms=score_sq_norms)
 
     def _check_rewards_finite(self) -> None:
         """Raise ``ValueError`` naming the env and the step of the first non-finite reward of the rollout."""
@@ -217,11 +224,3 @@ class QPropRolloutBuffer(QPropBufferMixin, EstimatorRolloutBuffer):  # type: ign
 class QPropDictRolloutBuffer(QPropBufferMixin, EstimatorDictRolloutBuffer):  # type: ignore[misc]
     """:class:`EstimatorDictRolloutBuffer` (dict observations) with the per-step Q-Prop :math:`\\eta`."""
 
-
-__all__ += [
-    "QPropBufferMixin",
-    "QPropDictRolloutBuffer",
-    "QPropDictRolloutBufferSamples",
-    "QPropRolloutBuffer",
-    "QPropRolloutBufferSamples",
-]

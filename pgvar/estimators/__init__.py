@@ -24,7 +24,12 @@ from pgvar.estimators.action_dependent import (
     factorized_action_baseline,
     other_action_dimensions,
 )
-from pgvar.estimators.baselines import batch_mean_baseline, optimal_constant_baseline
+from pgvar.estimators.baselines import (
+    CONSTANT_BASELINES,
+    batch_mean_baseline,
+    constant_baseline,
+    optimal_constant_baseline,
+)
 from pgvar.estimators.control_variates import (
     QPROP_ETA_RULES,
     QPROP_ETA_SCOPES,
@@ -60,6 +65,7 @@ from pgvar.estimators.soft_q import (
 )
 
 __all__ = [
+    "CONSTANT_BASELINES",
     "NORMALIZATION_MODES",
     "QPROP_ETA_RULES",
     "QPROP_ETA_SCOPES",
@@ -70,6 +76,7 @@ __all__ = [
     "all_action_control_variate",
     "batch_mean_baseline",
     "boltzmann_log_probs",
+    "constant_baseline",
     "discounted_returns",
     "entropy_regularized_pg_loss",
     "gae_advantages",

@@ -11,7 +11,7 @@ import torch
 
 from pgvar._validation import check_float_tensor, check_mask
 
-__all__ = ["batch_mean_baseline", "optimal_constant_baseline"]
+__all__ = ["CONSTANT_BASELINES", "batch_mean_baseline", "constant_baseline", "optimal_constant_baseline"]
 
 
 def batch_mean_baseline(returns: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,3 +91,58 @@ def optimal_constant_baseline(
     sum_dims = tuple(range(returns.dim()))
     numerator, denominator = weighted.sum(dim=sum_dims), score_sq_norms.sum(dim=sum_dims)
     return torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(returns.dtype).tiny), 0.0)
+
+
+
+#: The constant baselines, by the names of pgvar's ``baseline`` constructor option (its non-constant choice is
+#: ``"value"``, a learned state value through :func:`pgvar.estimators.gae_advantages`).
+CONSTANT_BASELINES = ("none", "mean", "optimal")
+
+
+def constant_baseline(
+    kind: str,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    score_sq_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""The constant baseline ``b`` called ``kind``, to subtract from ``returns`` (:math:`g\,(G - b)`).
+
+    One dispatch for every caller (the rollout buffer, both comparison engines), in the vocabulary of the
+    ``baseline`` constructor option:
+
+    .. math::
+        b_{\text{none}} = 0, \qquad
+        b_{\text{mean}} = \frac{1}{|\mathcal{B}|}\sum_{i \in \mathcal{B}} G_i, \qquad
+        b_{\text{optimal}} = \frac{\sum_i \lVert g_i \rVert^2 G_i}{\sum_i \lVert g_i \rVert^2}
+
+    (:func:`batch_mean_baseline` and :func:`optimal_constant_baseline`, Greensmith et al. 2004, whose docstrings
+    give the bias and variance of each).
+
+    :param kind: one of :data:`CONSTANT_BASELINES`: ``"none"``, ``"mean"`` or ``"optimal"``
+    :param returns: returns :math:`G` of any shape ``S``
+    :param mask: bool tensor of shape ``S`` selecting the valid samples (``None``: all; ``"none"`` needs no samples
+        and ignores it)
+    :param score_sq_norms: needed by ``"optimal"`` (ignored otherwise): :math:`\lVert g \rVert^2` of shape ``S``,
+        or :math:`g_k^2` of shape ``S + (P,)`` for the per-coordinate baseline
+    :return: scalar tensor (``[P]`` for the per-coordinate optimal baseline), ``returns``' dtype
+
+    >>> G = torch.tensor([1.0, 2.0, 6.0])
+    >>> constant_baseline("none", G), constant_baseline("mean", G)
+    (tensor(0.), tensor(3.))
+    >>> constant_baseline("optimal", G, score_sq_norms=torch.tensor([0.0, 1.0, 1.0]))
+    tensor(4.)
+    """
+    if kind not in CONSTANT_BASELINES:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, CONSTANT_BASELINES))}; got {kind!r}")
+    if kind == "mean":
+        return batch_mean_baseline(returns, mask)
+    if kind == "optimal":
+        if score_sq_norms is None:
+            raise ValueError(
+                "score_sq_norms must be given for kind='optimal' (the per-sample squared score norms "
+                "||grad log pi(a|s)||^2 that weight the returns), got None"
+            )
+        return optimal_constant_baseline(returns, score_sq_norms, mask)
+    returns = check_float_tensor("returns", returns)
+    return torch.zeros((), dtype=returns.dtype, device=returns.device)

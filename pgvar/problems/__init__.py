@@ -10,7 +10,13 @@ exact return, exact gradient, exact state values, vectorized episode sampling (t
 """
 
 from pgvar.problems.bandit import GaussianBandit
-from pgvar.problems.base import EpisodeBatch, ExactGradientProblem, Params, check_parameters
+from pgvar.problems.base import (
+    EpisodeBatch,
+    ExactGradientProblem,
+    GaussianPolicyProblem,
+    Params,
+    check_parameters,
+)
 from pgvar.problems.lqr import LinearQuadraticRegulator
 from pgvar.problems.tabular import TabularMDP
 
@@ -18,6 +24,7 @@ __all__ = [
     "EpisodeBatch",
     "ExactGradientProblem",
     "GaussianBandit",
+    "GaussianPolicyProblem",
     "LinearQuadraticRegulator",
     "Params",
     "TabularMDP",

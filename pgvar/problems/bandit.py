@@ -74,6 +74,7 @@ class GaussianBandit(gym.Env):
         self.reward_kind = check_choice("reward", reward, REWARD_KINDS)
         self.problem_seed = seed
         self.gamma = 1.0
+        self.horizon: int | None = 1  # every episode is one step
 
         rng = np.random.default_rng(seed)
         ds, da = self.obs_dim, self.action_dim

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import gymnasium as gym
 import torch
 
 Params = dict[str, torch.Tensor]
@@ -60,9 +61,28 @@ class EpisodeBatch:
 
 @runtime_checkable
 class ExactGradientProblem(Protocol):
-    """What :mod:`pgvar.compare` and the tests need from a problem (see the module docstring)."""
+    """What :mod:`pgvar.compare` and the tests need from a problem (see the module docstring).
+
+    Plain attributes satisfy the read-only properties below.
+    """
 
     gamma: float
+
+    @property
+    def observation_space(self) -> gym.spaces.Space:
+        """The gymnasium observation space (``Discrete``: states are indices; the fitted values are tabular)."""
+        ...
+
+    @property
+    def action_space(self) -> gym.spaces.Space:
+        """The gymnasium action space (``Discrete`` or ``Box``)."""
+        ...
+
+    @property
+    def horizon(self) -> int | None:
+        """The fixed number of steps of every episode when the values depend on the time step (a finite-horizon
+        problem), ``None`` when they do not."""
+        ...
 
     def initial_parameters(self, seed: int | None = None) -> Params:
         """Policy parameters to evaluate at (seeded; float64)."""
@@ -86,6 +106,19 @@ class ExactGradientProblem(Protocol):
 
     def log_prob(self, params: Params, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """``log pi_theta(a|s)`` for a batch of any leading shape, differentiable in ``params``."""
+        ...
+
+
+@runtime_checkable
+class GaussianPolicyProblem(ExactGradientProblem, Protocol):
+    """A problem whose policy is Gaussian with a differentiable mean action (continuous actions).
+
+    Q-Prop's Taylor control variate expands the critic around the mean action, so the comparison engine's Q-Prop
+    rows need ``mean_action`` on problems with continuous actions.
+    """
+
+    def mean_action(self, params: Params, observations: torch.Tensor) -> torch.Tensor:
+        """``mu_theta(s)`` for a batch of observations of any leading shape, differentiable in ``params``."""
         ...
 
 

@@ -114,6 +114,7 @@ class TabularMDP(gym.Env):
         self.n_states = int(check_positive("n_states", n_states, integer=True))
         self.n_actions = int(check_positive("n_actions", n_actions, integer=True))
         self.gamma = check_unit_interval("gamma", gamma)
+        self.horizon: int | None = None  # episodes end at random: the values do not depend on the time step
         termination_prob = check_unit_interval("termination_prob", termination_prob, open_low=True)
         self.termination_prob = termination_prob
         if max_episode_steps is None:

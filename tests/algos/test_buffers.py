@@ -10,8 +10,8 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 
+from pgvar._sb3_policy import is_actor_parameter
 from pgvar.algos import A2C, BASELINES, PPO, TRPO, EstimatorRolloutBuffer
-from pgvar.algos._mixin import is_actor_parameter
 
 pytestmark = [
     pytest.mark.usefixtures("torch_single_thread"),

@@ -146,3 +146,43 @@ def test_low_precision_advantages_with_zero_spread_stay_finite(dtype):
 def test_eps_is_validated(eps, message):
     with pytest.raises(ValueError, match=message):
         normalize_advantages(torch.tensor([1.0, 2.0, 3.0]), eps=eps)
+
+
+# ----------------------------------------------------------------------------- one dispatch, one vocabulary
+def test_constant_baseline_dispatches_to_the_named_baseline():
+    from pgvar.estimators import CONSTANT_BASELINES, constant_baseline
+
+    returns = torch.tensor([[1.0, 2.0], [6.0, 100.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, False]])
+    sq_norms = torch.tensor([[1.0, 0.5], [2.0, 3.0]], dtype=torch.float64)
+    assert CONSTANT_BASELINES == ("none", "mean", "optimal")
+    none = constant_baseline("none", returns, mask)
+    assert none.dtype == torch.float64 and none.shape == () and float(none) == 0.0
+    torch.testing.assert_close(constant_baseline("mean", returns, mask), batch_mean_baseline(returns, mask))
+    torch.testing.assert_close(
+        constant_baseline("optimal", returns, mask, score_sq_norms=sq_norms),
+        optimal_constant_baseline(returns, sq_norms, mask),
+    )
+
+
+def test_constant_baseline_bad_input():
+    from pgvar.estimators import constant_baseline
+
+    returns = torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match="kind must be one of 'none', 'mean', 'optimal'; got 'batch_mean'"):
+        constant_baseline("batch_mean", returns)
+    with pytest.raises(ValueError, match="score_sq_norms must be given for kind='optimal'"):
+        constant_baseline("optimal", returns)
+    with pytest.raises(ValueError, match="returns must be finite"):
+        constant_baseline("none", torch.tensor([1.0, float("nan")]))
+
+
+def test_buffer_and_engines_share_the_constructor_vocabulary():
+    """The baseline option, the buffer, both comparison engines and the CLI use the same words."""
+    from pgvar.algos import BASELINES
+    from pgvar.compare import ENV_BASELINES, ESTIMATORS
+    from pgvar.estimators import CONSTANT_BASELINES
+
+    assert set(BASELINES) == {"value", *CONSTANT_BASELINES} == set(ENV_BASELINES)
+    assert set(CONSTANT_BASELINES) <= set(ESTIMATORS)
+    assert not {"batch_mean", "optimal_constant"} & set(ESTIMATORS)

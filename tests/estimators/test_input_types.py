@@ -60,6 +60,7 @@ def _cases() -> dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, A
         ),
         "normalize_advantages": (E.normalize_advantages, (adv,), dict(mask=torch.arange(8) < 6)),
         "batch_mean_baseline": (E.batch_mean_baseline, (adv, torch.arange(8) < 5), {}),
+        "constant_baseline": (E.constant_baseline, ("optimal", adv), dict(score_sq_norms=bar.abs())),
         "optimal_constant_baseline": (E.optimal_constant_baseline, (adv, bar.abs()), {}),
         "qprop_control_variate": (E.qprop_control_variate, (grad_q, acts, means), {}),
         "qprop_action_variance": (E.qprop_action_variance, (grad_q, means.abs()), {}),

@@ -1,4 +1,4 @@
-"""pgvar.nested_rollouts: state save/restore, the continuations' bookkeeping, and bad input."""
+"""pgvar.rollouts.nested (sample_nested_rollouts): state save/restore, the continuations' bookkeeping, and bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pgvar import PPO
-from pgvar.nested_rollouts import restore_state, sample_nested_rollouts, snapshot_state
+from pgvar.rollouts import restore_state, sample_nested_rollouts, snapshot_state
 
 
 @pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1", "HalfCheetah-v5"])

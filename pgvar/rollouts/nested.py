@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from pgvar._sb3_policy import actor_parameter_names, env_actions, log_prob_loss
 from pgvar._validation import check_positive, check_unit_interval
-from pgvar.callbacks import actor_parameter_names
 from pgvar.estimators.control_variates import qprop_control_variate
 from pgvar.measure import (
     VarianceDecomposition,
@@ -110,12 +110,6 @@ class NestedRolloutSamples:
         )
 
 
-def _env_actions(action_space: spaces.Space, actions: np.ndarray) -> np.ndarray:
-    if isinstance(action_space, spaces.Box):  # SB3 clips what the env sees and scores the raw sample
-        return np.clip(actions, action_space.low, action_space.high)
-    return actions
-
-
 def _visited_states(policy: Any, env: gym.Env, n_steps: int, seed: int) -> list[tuple[Any, np.ndarray, int]]:
     """(snapshot, observation, time step) of every step of whole episodes, at least ``n_steps`` of them."""
     visited: list[tuple[Any, np.ndarray, int]] = []
@@ -125,7 +119,7 @@ def _visited_states(policy: Any, env: gym.Env, n_steps: int, seed: int) -> list[
         visited.append((snapshot_state(env), np.asarray(obs).copy(), t))
         with torch.no_grad():
             action = policy.get_distribution(policy.obs_to_tensor(obs)[0]).get_actions().cpu().numpy()[0]
-        obs, _, terminated, truncated, _ = env.step(_env_actions(env.action_space, action))
+        obs, _, terminated, truncated, _ = env.step(env_actions(env.action_space, action))
         t += 1
         if terminated or truncated:
             if len(visited) >= n_steps:
@@ -156,7 +150,7 @@ def _continuations(
         for slot, job in enumerate(chunk):
             snapshot, action, _ = jobs[job]
             restore_state(envs[slot], snapshot)
-            obs, reward, terminated, _, _ = envs[slot].step(_env_actions(envs[slot].action_space, action))
+            obs, reward, terminated, _, _ = envs[slot].step(env_actions(envs[slot].action_space, action))
             returns[job], lengths[job], observations[slot] = float(reward), 1, obs
             if not terminated and jobs[job][2] > 1:
                 active.append(slot)
@@ -169,7 +163,7 @@ def _continuations(
             still = []
             for slot, action in zip(active, actions):
                 job = chunk[slot]
-                obs, reward, terminated, _, _ = envs[slot].step(_env_actions(envs[slot].action_space, action))
+                obs, reward, terminated, _, _ = envs[slot].step(env_actions(envs[slot].action_space, action))
                 returns[job] += discount * float(reward)
                 lengths[job] += 1
                 observations[slot] = obs
@@ -248,13 +242,13 @@ def sample_nested_rollouts(
     returns_t = torch.as_tensor(returns, dtype=torch.float64).reshape(_N_ROLES, n_states)
     lengths_t = torch.as_tensor(lengths).reshape(_N_ROLES, n_states).T
 
-    names = actor_parameter_names(policy)
-
-    def log_prob(module: Any, observations: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
-        return module.get_distribution(observations).log_prob(taken).sum()
-
     # The scores of a and a' in one vmap pass: [2S, P], then split.
-    both = per_sample_gradients(policy, log_prob, (torch.cat([obs, obs]), torch.cat([drawn[0], drawn[1]])), params=names)
+    both = per_sample_gradients(
+        policy,
+        log_prob_loss(weighted=False),
+        (torch.cat([drawn[0], drawn[1]]), torch.cat([obs, obs])),
+        params=actor_parameter_names(policy),
+    )
     scores, fresh_scores = flatten_per_sample(both).to(torch.float64).split(n_states)
 
     value = policy.predict_values(obs).detach().flatten().to(torch.float64)

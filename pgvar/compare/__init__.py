@@ -1,0 +1,43 @@
+r"""Paired comparison of policy-gradient estimators on shared batches: numbers only.
+
+Every estimator sees the *same* sampled batches, so differences between them are not sampling luck. Two engines:
+
+- :func:`compare_on_problem` (:mod:`pgvar.compare.problem_engine`): on a problem whose exact gradient is known
+  (:mod:`pgvar.problems`), the bias of each estimator against the exact gradient with its standard error, the
+  variance of one batch estimate, the SNR and the cosine to the exact gradient.
+- :func:`compare_on_env` (:mod:`pgvar.compare.env_engine`): on a gymnasium environment, at a fixed SB3 policy,
+  every baseline x normalization choice against a large-batch reference gradient.
+
+Both return the dataclasses of :mod:`pgvar.compare.results`. The value functions and critics the problem engine
+fits live in :mod:`pgvar.compare.fitted`; the environment samplers in :mod:`pgvar.rollouts`. The constant
+baselines have the names of the algorithms' ``baseline`` option (``none``, ``mean``, ``optimal``) in both engines
+and in the ``pgvar compare`` command, which calls this package.
+"""
+
+from pgvar.compare.env_engine import ENV_BASELINES, ENV_NORMALIZATIONS, compare_on_env
+from pgvar.compare.problem_engine import ESTIMATORS, PROBLEMS, compare_on_problem, make_problem
+from pgvar.compare.results import (
+    ComparisonResult,
+    EnvComparisonResult,
+    EnvEstimatorSummary,
+    EstimatorSummary,
+    library_versions,
+)
+from pgvar.rollouts import RolloutBatch, collect_rollout
+
+__all__ = [
+    "ENV_BASELINES",
+    "ENV_NORMALIZATIONS",
+    "ESTIMATORS",
+    "PROBLEMS",
+    "ComparisonResult",
+    "EnvComparisonResult",
+    "EnvEstimatorSummary",
+    "EstimatorSummary",
+    "RolloutBatch",
+    "collect_rollout",
+    "compare_on_env",
+    "compare_on_problem",
+    "library_versions",
+    "make_problem",
+]
