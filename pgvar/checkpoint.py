@@ -47,10 +47,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
+from pgvar._io import atomic_write
 from pgvar._validation import check_positive
-from pgvar.algos import _save as _algos_save  # noqa: F401  (kept import-light; the writer lives there)
 
-__all__ = ["ExactCheckpointCallback", "atomic_write_bytes", "load_checkpoint", "save_checkpoint"]
+__all__ = ["ExactCheckpointCallback", "load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "pgvar-checkpoint/1"
 
@@ -63,15 +63,6 @@ _SKIPPED_ATTRIBUTES = frozenset(
         "episode_times", "renderer", "mujoco_renderer", "viewer",
     }
 )  # fmt: skip
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a crash leaves the previous file)."""
-
-    def write(file: Any) -> None:
-        file.write(data)
-
-    _algos_save.atomic_save(write, path)
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -355,7 +346,8 @@ def save_checkpoint(model: BaseAlgorithm, path: str | os.PathLike[str]) -> None:
             if replay_bytes is not None:
                 archive.writestr("replay_buffer", replay_bytes.getvalue())
 
-    _algos_save.atomic_save(write, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike[str], env: VecEnv | gym.Env, **load_kwargs: Any) -> BaseAlgorithm:

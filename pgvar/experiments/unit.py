@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pgvar._io import atomic_write_bytes
 from pgvar.experiments.config import ACTIVATIONS, ALGORITHMS, UnitSpec
 
 __all__ = ["UnitFolderMismatch", "read_json", "run_unit", "unit_folder", "write_json"]
@@ -45,8 +46,6 @@ def unit_folder(results: str | os.PathLike[str], unit: UnitSpec) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON, atomically (a crash leaves the previous file)."""
-    from pgvar.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
