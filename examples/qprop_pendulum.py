@@ -36,7 +36,7 @@ SETTINGS = {
 }
 QPROP = {
     "qprop_eta": "conservative",  # eta = 1 only while the critic's Taylor term correlates with the advantages
-    "qprop_eta_scope": "batch",  # one covariance per rollout: unbiased (the published per-sample rule is not)
+    "qprop_eta_scope": "crossfit",  # eta of each half from the other half: unbiased (the published per-sample rule is not)
     "qprop_normalization": "consistent",  # scale the analytic term like the normalized signal (Tucker et al.)
     "qprop_warmup_steps": 256,  # transitions before the critic trains (official: 1000)
     **({"qprop_critic_net_arch": [16, 16], "qprop_buffer_size": 10_000} if SMOKE else {}),

@@ -213,7 +213,11 @@ def test_qprop_estimate_equals_autograd_of_its_surrogate(name):
         at_mean = mu.detach().clone().requires_grad_(True)
         (grad_q,) = torch.autograd.grad(critic(batch.observations, at_mean, batch.timesteps).sum(), at_mean)
         adv_bar = (grad_q * (batch.actions - mu.detach())).sum(-1)
-        eta = float((adv_hat * adv_bar)[mask].sum() > 0)  # conservative, batch scope
+        # conservative, cross-fitted: each half of the episodes gets the indicator of the other half's covariance
+        products = (adv_hat * adv_bar * mask).detach()
+        fold = torch.arange(mask.shape[-1]) * 2 // mask.shape[-1]
+        other_positive = [float(products[:, fold == 1 - k].sum() > 0) for k in (0, 1)]
+        eta = torch.tensor(other_positive, dtype=adv_hat.dtype)[fold]
         signal = adv_hat - eta * adv_bar
         analytic = eta * (grad_q * mu).sum(-1)
     surrogate = ((signal.detach() * logp + analytic) * discount * mask).sum() / batch.n_episodes

@@ -55,6 +55,7 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.dqn.policies import QNetwork
 
+from pgvar._sb3_policy import flatten_time_major
 from pgvar._validation import check_choice, check_positive
 from pgvar.algos._replay_feed import ReplayFeed
 from pgvar.algos.buffers import (
@@ -91,11 +92,6 @@ __all__ = ["DEFAULT_CRITIC_NET_ARCH", "QPropMixin"]
 
 #: The official critic: two hidden layers of 100 ReLU units (rllab++ ``ContinuousMLPQFunction``).
 DEFAULT_CRITIC_NET_ARCH = (100, 100)
-
-
-def _flatten_time_major(array: np.ndarray, device: th.device) -> th.Tensor:
-    """``[T, N, ...]`` numpy array -> ``[T * N, ...]`` tensor, row ``t * N + n``."""
-    return th.as_tensor(array.reshape(array.shape[0] * array.shape[1], *array.shape[2:]), device=device)
 
 
 # --------------------------------------------------------------------------------------------------- mixin
@@ -322,13 +318,7 @@ class QPropMixin(_Base):
     def _rollout_tensors(self) -> tuple[th.Tensor | TensorDict, th.Tensor]:
         """The rollout's observations and actions, ``[T * N, ...]`` in time-major row order."""
         buffer = self.rollout_buffer
-        if isinstance(buffer.observations, dict):
-            observations: th.Tensor | TensorDict = {
-                key: _flatten_time_major(value, self.device) for key, value in buffer.observations.items()
-            }
-        else:
-            observations = _flatten_time_major(buffer.observations, self.device)
-        return observations, _flatten_time_major(buffer.actions, self.device)
+        return flatten_time_major(buffer.observations, self.device), flatten_time_major(buffer.actions, self.device)
 
     def _prepare_qprop_rollout(self) -> None:
         """Replace the rollout's advantages :math:`\\hat A` by the learning signal and store :math:`\\eta` (step 1).

@@ -40,9 +40,11 @@ _QPROP_PARAMETERS = """
         ``"aggressive"`` (:math:`\\operatorname{sign}(\\widehat{\\mathrm{Cov}})`), ``"fixed"`` (:math:`\\eta = 1`,
         the official code's default) or ``"adaptive"`` (:math:`\\widehat{\\mathrm{Cov}} /
         \\operatorname{Var}_a(\\bar A)`, Box actions only); see :func:`~pgvar.estimators.qprop_eta`
-    :param qprop_eta_scope: where the covariance is estimated: ``"batch"`` (default: one estimate per rollout;
-        unbiased up to O(1/N)) or ``"sample"`` (the single-sample product of the official code: :math:`\\eta`
-        depends on the action, which biases the estimator)
+    :param qprop_eta_scope: where the covariance is estimated: ``"crossfit"`` (default: each half of the rollout,
+        environments or else time steps, gets the :math:`\\eta` of the other half, so :math:`\\eta` is independent
+        of the samples it weights: unbiased), ``"batch"`` (one estimate from the whole rollout, which each sample
+        enters: biased by :math:`O(1/\\sqrt N)` when the covariance is near 0) or ``"sample"`` (the single-sample
+        product of the official code: :math:`\\eta` depends on the action, which biases the estimator)
     :param qprop_normalization: how :math:`\\eta` follows the normalization of the learning signal
         :math:`\\hat A - \\eta \\bar A` (where and whether the signal is normalized is ``normalize_advantage``):
         ``"consistent"`` (default: :math:`\\eta` is divided by the same std, Tucker et al.'s fix: the update is the
@@ -135,7 +137,7 @@ class QPropPPO(QPropMixin, PPO):
         *,
         baseline: str = "value",
         qprop_eta: str = "conservative",
-        qprop_eta_scope: str = "batch",
+        qprop_eta_scope: str = "crossfit",
         qprop_normalization: str = "consistent",
         qprop_critic_net_arch: Sequence[int] = DEFAULT_CRITIC_NET_ARCH,
         qprop_critic_learning_rate: float = 1e-3,
@@ -330,7 +332,7 @@ class QPropTRPO(QPropMixin, TRPO):
         *,
         baseline: str = "value",
         qprop_eta: str = "conservative",
-        qprop_eta_scope: str = "batch",
+        qprop_eta_scope: str = "crossfit",
         qprop_normalization: str = "consistent",
         qprop_critic_net_arch: Sequence[int] = DEFAULT_CRITIC_NET_ARCH,
         qprop_critic_learning_rate: float = 1e-3,

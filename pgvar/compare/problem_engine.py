@@ -69,7 +69,7 @@ ESTIMATORS: dict[str, str] = {
     "exact_value": "G_t - V^pi(s_t), the exact state value",
     "gae_fitted_value": "GAE(lambda) with V fitted by least squares on an independent batch",
     "qprop_fitted_critic": "Q-Prop: G_t - V(s) minus a critic control variate, plus its analytic term (Box: Taylor "
-    "CV, conservative eta per batch; Discrete: all-action CV); V and Q_w fitted on an independent batch",
+    "CV, conservative eta cross-fitted over episode halves; Discrete: all-action CV); V and Q_w fitted on an independent batch",
     "qprop_fixed_eta": "Q-Prop as above with eta = 1 (Box; Discrete: the all-action CV, which has no eta)",
     "qprop_as_published": "Q-Prop as above, normalized as published: the signal centred and divided by its batch "
     "std sigma, the analytic term not; times sigma to the gradient's scale (Tucker et al. 2018: biased toward "
@@ -159,7 +159,7 @@ def _qprop_estimate(
         with torch.enable_grad():
             (grad_q,) = torch.autograd.grad(critic(batch.observations, at_mean, batch.timesteps).sum(), at_mean)
         adv_bar = qprop_control_variate(grad_q, batch.actions.to(mu.dtype), mu)
-        eta = qprop_eta(adv_hat, adv_bar, rule=eta_rule, scope="batch", mask=mask)
+        eta = qprop_eta(adv_hat, adv_bar, rule=eta_rule, scope="crossfit", mask=mask)  # halves of the episodes
         signal = qprop_learning_signal(adv_hat, adv_bar, eta)
         weights = ((discount * eta).unsqueeze(-1) * grad_q)[mask]
         analytic = per_sample_gradients(

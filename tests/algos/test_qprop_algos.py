@@ -529,7 +529,7 @@ def test_load_replay_buffer_rejects_a_mismatch(tmp_path, make_short_env):
     ("kwargs", "message"),
     [
         ({"qprop_eta": "sometimes"}, "qprop_eta must be one of 'fixed', 'conservative', 'aggressive', 'adaptive'; got 'sometimes'"),
-        ({"qprop_eta_scope": "episode"}, "qprop_eta_scope must be one of 'sample', 'batch'; got 'episode'"),
+        ({"qprop_eta_scope": "episode"}, "qprop_eta_scope must be one of 'crossfit', 'batch', 'sample'; got 'episode'"),
         ({"qprop_normalization": "both"}, "qprop_normalization must be one of 'consistent', 'as_published', 'none'"),
         ({"qprop_critic_net_arch": [64, 0]}, r"qprop_critic_net_arch must be .*integers > 0.*\[64, 0\]"),
         ({"qprop_critic_net_arch": "100"}, "qprop_critic_net_arch must be .* got '100'"),
