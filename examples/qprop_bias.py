@@ -23,9 +23,9 @@ import os
 
 import torch
 
-from pgvar.estimators import discounted_returns
-from pgvar.estimators.control_variates import (
+from pgvar.estimators import (
     all_action_control_variate,
+    discounted_returns,
     qprop_action_variance,
     qprop_control_variate,
     qprop_correction_surrogate,

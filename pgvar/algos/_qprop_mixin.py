@@ -66,7 +66,7 @@ from pgvar.algos.buffers import (
     QPropRolloutBuffer,
 )
 from pgvar.algos.qprop_critic import QPropCritic
-from pgvar.estimators.control_variates import (
+from pgvar.estimators import (
     QPROP_ETA_RULES,
     QPROP_ETA_SCOPES,
     QPROP_NORMALIZATION_MODES,

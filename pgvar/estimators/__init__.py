@@ -31,8 +31,6 @@ from pgvar.estimators.baselines import (
     optimal_constant_baseline,
 )
 from pgvar.estimators.control_variates import (
-    QPROP_ETA_RULES,
-    QPROP_ETA_SCOPES,
     QPROP_NORMALIZATION_MODES,
     AllActionControlVariate,
     QPropNormalized,
@@ -40,7 +38,6 @@ from pgvar.estimators.control_variates import (
     qprop_action_variance,
     qprop_control_variate,
     qprop_correction_surrogate,
-    qprop_eta,
     qprop_learning_signal,
     qprop_normalize,
 )
@@ -52,6 +49,7 @@ from pgvar.estimators.horizon import (
     time_to_go_factor,
 )
 from pgvar.estimators.normalization import NORMALIZATION_MODES, normalize_advantages
+from pgvar.estimators.qprop_eta import QPROP_ETA_RULES, QPROP_ETA_SCOPES, qprop_eta
 from pgvar.estimators.returns import discounted_returns, gae_advantages, td_lambda_returns
 from pgvar.estimators.soft_q import (
     EntropyRegularizedPGLoss,

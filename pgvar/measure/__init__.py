@@ -23,10 +23,10 @@ from pgvar.measure.per_sample import (
     flat_names,
     flatten,
     flatten_per_sample,
-    per_sample_grad_sq_norms,
     per_sample_gradients,
     unflatten,
 )
+from pgvar.measure.sq_norms import per_sample_grad_sq_norms
 from pgvar.measure.statistics import (
     EstimateStatistics,
     GradientStatistics,

@@ -29,11 +29,11 @@ from pgvar.measure.per_sample import (
     _common_batch_size,
     _iter_chunks,
     _plan_vmap,
-    _sq_norms_and_grad_sum,
     flat_names,
     flatten,
     flatten_per_sample,
 )
+from pgvar.measure.sq_norms import _sq_norms_and_grad_sum
 
 __all__ = [
     "EstimateStatistics",

@@ -35,7 +35,7 @@ from gymnasium import spaces
 
 from pgvar._sb3_policy import actor_parameter_names, env_actions, log_prob_loss
 from pgvar._validation import check_positive, check_unit_interval
-from pgvar.estimators.control_variates import qprop_control_variate
+from pgvar.estimators import qprop_control_variate
 from pgvar.measure import (
     VarianceDecomposition,
     flatten_per_sample,

@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch.func import jacrev
 
-from pgvar.estimators import gae_advantages, normalize_advantages
-from pgvar.estimators.control_variates import (
+from pgvar.estimators import (
     QPROP_ETA_RULES,
     QPROP_ETA_SCOPES,
     QPROP_NORMALIZATION_MODES,
     all_action_control_variate,
+    gae_advantages,
+    normalize_advantages,
     qprop_action_variance,
     qprop_control_variate,
     qprop_correction_surrogate,

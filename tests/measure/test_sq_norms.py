@@ -17,7 +17,7 @@ from pgvar.measure import (
     per_sample_grad_sq_norms,
     per_sample_gradients,
 )
-from pgvar.measure.per_sample import _sq_norms_and_grad_sum
+from pgvar.measure.sq_norms import _sq_norms_and_grad_sum
 from tests.measure.conftest import is_actor_param, pg_loss, sb3_pg_loss
 
 
