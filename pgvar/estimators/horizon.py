@@ -179,7 +179,7 @@ def horizon_episode_flags(
     term = check_zero_one_flags("terminated", terminated, like, like_name="terminated")
     trunc = check_zero_one_flags("truncated", truncated, like, like_name="terminated")
     timesteps = _check_timesteps(timesteps, term.shape, like="terminated")
-    concrete = is_concrete(timesteps)
+    concrete = is_concrete(timesteps) and is_concrete(term) and is_concrete(trunc)
     if timesteps.numel() and concrete and bool((timesteps + 1 > horizon).any()):
         raise ValueError(
             f"timesteps must satisfy t + 1 <= horizon = {horizon} (the last step of an episode has t = horizon - 1), "
