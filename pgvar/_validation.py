@@ -113,11 +113,16 @@ def check_time_major(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def check_zero_one_flags(name: str, flags: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``flags`` (bool, or 0/1 of any dtype, of ``like``'s shape) as 0/1 in ``like``'s dtype; ``None``: all 0."""
+def check_zero_one_flags(
+    name: str, flags: torch.Tensor | None, like: torch.Tensor, like_name: str = "rewards"
+) -> torch.Tensor:
+    """``flags`` (bool, or 0/1 of any dtype, of ``like``'s shape) as 0/1 in ``like``'s dtype; ``None``: all 0.
+
+    :param like_name: the argument ``like`` was passed as, for the message
+    """
     if flags is None:
         return torch.zeros_like(like)
-    flags = check_shape(name, flags, like.shape)
+    flags = check_shape(name, flags, like.shape, like=like_name)
     if flags.dtype != torch.bool and is_concrete(flags) and not bool(((flags == 0) | (flags == 1)).all()):
         raise ValueError(f"{name} must hold only 0/1 (or bool) values, got {flags.unique().tolist()[:5]}")
     return flags.to(like.dtype)

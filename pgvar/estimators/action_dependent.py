@@ -27,7 +27,14 @@ from typing import NamedTuple
 
 import torch
 
-from pgvar._validation import check_finite, is_concrete
+from pgvar._validation import (
+    as_tensor,
+    check_float_tensor,
+    check_mask,
+    check_same_shape,
+    check_shape,
+    working_dtype,
+)
 
 __all__ = ["FactorizedBaselineEstimate", "factorized_action_baseline", "other_action_dimensions"]
 
@@ -83,44 +90,21 @@ def factorized_action_baseline(
     >>> torch.autograd.grad(out.surrogate, log_probs)
     (tensor([[2.0000, 0.5000]]),)
     """
-    for name, tensor in (("log_probs", log_probs), ("adv_hat", adv_hat), ("baselines", baselines)):
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must be a floating-point torch.Tensor, got {got}")
-        if is_concrete(tensor):
-            check_finite(name, tensor.detach())
+    log_probs = check_float_tensor("log_probs", log_probs, "[..., K]")
+    adv_hat = check_float_tensor("adv_hat", adv_hat, "[...]")
+    baselines = check_float_tensor("baselines", baselines, "[..., K]")
     if log_probs.dim() < 1:
         raise ValueError(
             f"log_probs must have shape [..., K] (one entry per action dimension), got {tuple(log_probs.shape)}"
         )
-    if baselines.shape != log_probs.shape:
-        raise ValueError(
-            f"baselines must have the shape of log_probs {tuple(log_probs.shape)} (one b_k per action dimension), "
-            f"got {tuple(baselines.shape)}"
-        )
-    if adv_hat.shape != log_probs.shape[:-1]:
-        raise ValueError(
-            f"adv_hat must have shape {tuple(log_probs.shape[:-1])} (log_probs without the action dimension), "
-            f"got {tuple(adv_hat.shape)}"
-        )
+    check_same_shape("baselines", baselines, "log_probs", log_probs)
+    check_shape("adv_hat", adv_hat, log_probs.shape[:-1], like="log_probs without the action dimension")
+    mask = check_mask("mask", mask, adv_hat.shape)
     signals = (adv_hat.detach().unsqueeze(-1) - baselines.detach()).to(log_probs.dtype)
-    per_sample = (log_probs * signals).sum(dim=-1)
-    if mask is None:
-        surrogate = per_sample.mean()
-    else:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != adv_hat.shape:
-            found = (
-                f"{mask.dtype}, shape {tuple(mask.shape)}"
-                if isinstance(mask, torch.Tensor)
-                else type(mask).__name__
-            )
-            raise ValueError(
-                f"mask must be a bool tensor of shape {tuple(adv_hat.shape)} (like adv_hat), got {found}"
-            )
-        if is_concrete(mask) and not bool(mask.any()):
-            raise ValueError("mask must select at least one sample, got an all-False mask")
-        surrogate = per_sample[mask].mean()
-    return FactorizedBaselineEstimate(learning_signals=signals, surrogate=surrogate)
+    compute = working_dtype(log_probs.dtype)  # 16-bit floats: products, sums and mean in float32
+    per_sample = (log_probs.to(compute) * signals.to(compute)).sum(dim=-1)
+    surrogate = per_sample.mean() if mask is None else per_sample[mask].mean()
+    return FactorizedBaselineEstimate(learning_signals=signals, surrogate=surrogate.to(log_probs.dtype))
 
 
 def other_action_dimensions(actions: torch.Tensor) -> torch.Tensor:
@@ -136,10 +120,10 @@ def other_action_dimensions(actions: torch.Tensor) -> torch.Tensor:
             [1., 3.],
             [1., 2.]])
     """
-    if not isinstance(actions, torch.Tensor) or actions.dim() < 1 or actions.shape[-1] < 2:
-        got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
+    actions = as_tensor("actions", actions, " of shape [..., K]")
+    if actions.dim() < 1 or actions.shape[-1] < 2:
         raise ValueError(
-            f"actions must be a tensor of shape [..., K] with K >= 2 action dimensions, got {got}"
+            f"actions must be a tensor of shape [..., K] with K >= 2 action dimensions, got {tuple(actions.shape)}"
         )
     k = actions.shape[-1]
     index = torch.tensor([[j for j in range(k) if j != i] for i in range(k)], device=actions.device)

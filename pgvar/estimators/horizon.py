@@ -41,7 +41,17 @@ import math
 
 import torch
 
-from pgvar._validation import check_finite, check_positive, check_shape, check_unit_interval
+from pgvar._validation import (
+    as_tensor,
+    check_float_tensor,
+    check_mask,
+    check_positive,
+    check_shape,
+    check_unit_interval,
+    check_zero_one_flags,
+    is_concrete,
+    working_dtype,
+)
 from pgvar.estimators.returns import discounted_returns, td_lambda_returns
 
 __all__ = [
@@ -80,13 +90,10 @@ def time_to_go_factor(
     """
     horizon = int(check_positive("horizon", horizon, integer=True))
     gamma = check_unit_interval("gamma", gamma)
-    if not isinstance(timesteps, torch.Tensor):
-        raise ValueError(f"timesteps must be a torch.Tensor of step indices, got {type(timesteps).__name__}")
-    if timesteps.dtype == torch.bool:
-        raise ValueError("timesteps must hold step indices (integer or float), got a bool tensor")
+    timesteps = _check_timesteps(timesteps)
     if dtype is None:
         dtype = timesteps.dtype if timesteps.is_floating_point() else torch.get_default_dtype()
-    if timesteps.numel() and (bool((timesteps < 0).any()) or bool((timesteps > horizon).any())):
+    if timesteps.numel() and is_concrete(timesteps) and bool(((timesteps < 0) | (timesteps > horizon)).any()):
         raise ValueError(
             f"timesteps must lie in [0, horizon = {horizon}], got values in "
             f"[{timesteps.min().item()}, {timesteps.max().item()}]"
@@ -128,12 +135,9 @@ def horizon_aware_values(
     >>> horizon_aware_values(v0, r_bar, torch.tensor([0, 1, 2]), horizon=3, gamma=0.5)  # 2 * (1.75, 1.5, 1)
     tensor([3.5000, 3.0000, 2.0000])
     """
-    _check_float("v0", v0)
-    _check_float("r_bar", r_bar)
-    check_shape("r_bar", r_bar, v0.shape, like="v0")
-    check_shape("timesteps", timesteps, v0.shape, like="v0")
-    factor = time_to_go_factor(timesteps, horizon=horizon, gamma=gamma, dtype=v0.dtype)
-    return v0 + factor * r_bar
+    v0, r_bar, timesteps = _check_heads(v0, r_bar, timesteps)
+    dtype = torch.promote_types(v0.dtype, r_bar.dtype)
+    return _values(v0, r_bar, timesteps, horizon, gamma, working_dtype(dtype)).to(dtype)
 
 
 def horizon_episode_flags(
@@ -166,20 +170,24 @@ def horizon_episode_flags(
     ([False, True], [False, False])
     """
     horizon = int(check_positive("horizon", horizon, integer=True))
-    if not isinstance(terminated, torch.Tensor) or terminated.dim() != 2:
-        got = tuple(terminated.shape) if isinstance(terminated, torch.Tensor) else type(terminated).__name__
-        raise ValueError(f"terminated must be a [T, N] tensor of bool or 0/1 flags, got {got}")
-    term = _as_flags("terminated", terminated, terminated.shape)
-    trunc = torch.zeros_like(term) if truncated is None else _as_flags("truncated", truncated, term.shape)
-    check_shape("timesteps", timesteps, term.shape, like="terminated")
-    if timesteps.numel() and bool((timesteps + 1 > horizon).any()):
+    terminated = as_tensor("terminated", terminated, " of shape [T, N] (bool or 0/1 flags)")
+    if terminated.dim() != 2:
+        raise ValueError(
+            f"terminated must be a [T, N] tensor of bool or 0/1 flags, got shape {tuple(terminated.shape)}"
+        )
+    like = torch.zeros(terminated.shape, dtype=torch.bool, device=terminated.device)
+    term = check_zero_one_flags("terminated", terminated, like, like_name="terminated")
+    trunc = check_zero_one_flags("truncated", truncated, like, like_name="terminated")
+    timesteps = _check_timesteps(timesteps, term.shape, like="terminated")
+    concrete = is_concrete(timesteps) and is_concrete(term) and is_concrete(trunc)
+    if timesteps.numel() and concrete and bool((timesteps + 1 > horizon).any()):
         raise ValueError(
             f"timesteps must satisfy t + 1 <= horizon = {horizon} (the last step of an episode has t = horizon - 1), "
             f"got t = {timesteps.max().item()}"
         )
     at_horizon = timesteps + 1 == horizon
     unflagged = at_horizon & ~(term | trunc)
-    if bool(unflagged.any()):
+    if concrete and bool(unflagged.any()):
         index = tuple(unflagged.nonzero()[0].tolist())
         raise ValueError(
             f"the step at index {index} reaches the horizon (t + 1 = {horizon}) but neither terminated nor "
@@ -278,33 +286,44 @@ def horizon_aware_value_loss(
     >>> horizon_aware_value_loss(v0, r_bar, torch.tensor([2.0, 1.0]), t, horizon=2, gamma=1.0)
     tensor(0., grad_fn=<MeanBackward0>)
     """
-    values = horizon_aware_values(v0, r_bar, timesteps, horizon=horizon, gamma=gamma)
-    _check_float("targets", targets)
-    check_shape("targets", targets, v0.shape, like="v0")
-    errors = (values - targets.detach()).square()
-    if mask is None:
-        return errors.mean()
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != v0.shape:
-        got = (
-            f"{mask.dtype}, shape {tuple(mask.shape)}"
-            if isinstance(mask, torch.Tensor)
-            else type(mask).__name__
-        )
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(v0.shape)} (like v0), got {got}")
-    if not bool(mask.any()):
-        raise ValueError("mask must select at least one sample, got an all-False mask")
-    return errors[mask].mean()
+    v0, r_bar, timesteps = _check_heads(v0, r_bar, timesteps)
+    targets = check_shape("targets", check_float_tensor("targets", targets), v0.shape, like="v0")
+    mask = check_mask("mask", mask, v0.shape)
+    dtype = torch.promote_types(torch.promote_types(v0.dtype, r_bar.dtype), targets.dtype)
+    compute = working_dtype(dtype)  # 16-bit floats in float32: a squared error over 65504 is inf in float16
+    values = _values(v0, r_bar, timesteps, horizon, gamma, compute)
+    errors = (values - targets.detach().to(compute)).square()
+    loss = errors.mean() if mask is None else errors[mask].mean()
+    return loss.to(dtype)
 
 
-def _check_float(name: str, tensor: object) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {got}")
-    return check_finite(name, tensor)
+def _check_timesteps(timesteps: object, shape: torch.Size | None = None, like: str = "") -> torch.Tensor:
+    """``timesteps`` as a tensor of step indices (integer or float, not bool), of ``shape`` (``like``'s) if given."""
+    tensor = as_tensor("timesteps", timesteps, " of step indices (integer or float)")
+    if shape is not None:
+        check_shape("timesteps", tensor, shape, like=like)
+    if tensor.dtype == torch.bool:
+        raise ValueError("timesteps must hold step indices (integer or float), got dtype torch.bool")
+    return tensor
 
 
-def _as_flags(name: str, flags: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    check_shape(name, flags, shape, like="terminated")
-    if flags.dtype != torch.bool and not bool(((flags == 0) | (flags == 1)).all()):
-        raise ValueError(f"{name} must hold only 0/1 (or bool) values, got {flags.unique().tolist()[:5]}")
-    return flags.to(torch.bool)
+def _check_heads(
+    v0: object, r_bar: object, timesteps: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two heads (floating point, finite, one shape) and the step indices of that shape, as tensors."""
+    v0 = check_float_tensor("v0", v0)
+    r_bar = check_shape("r_bar", check_float_tensor("r_bar", r_bar), v0.shape, like="v0")
+    return v0, r_bar, _check_timesteps(timesteps, v0.shape, like="v0")
+
+
+def _values(
+    v0: torch.Tensor,
+    r_bar: torch.Tensor,
+    timesteps: torch.Tensor,
+    horizon: int,
+    gamma: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    r""":math:`V_0 + f(t)\, \bar r` computed in ``dtype`` (arguments checked by :func:`_check_heads`)."""
+    factor = time_to_go_factor(timesteps, horizon=horizon, gamma=gamma, dtype=dtype)
+    return v0.to(dtype) + factor * r_bar.to(dtype)

@@ -183,3 +183,31 @@ def test_other_action_dimensions():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_an_integer_mask_is_a_type_error_not_indices():
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        factorized_action_baseline(
+            torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), mask=torch.tensor([1, 0, 1])
+        )
+
+
+def test_the_float16_surrogate_is_summed_in_float32():
+    # The first sample's term -200 * 200 * 2 = -80000 overflows float16 (max 65504); the mean -20000 does not.
+    log_probs = torch.zeros(4, 2, dtype=torch.float16)
+    log_probs[0] = -200.0
+    adv_hat = torch.tensor([200.0, 0.0, 0.0, 0.0], dtype=torch.float16)
+    out = factorized_action_baseline(log_probs, adv_hat, torch.zeros(4, 2, dtype=torch.float16))
+    assert out.surrogate.dtype == out.learning_signals.dtype == torch.float16
+    assert float(out.surrogate) == -20000.0
+
+
+def test_numpy_inputs_and_other_types():
+    np = pytest.importorskip("numpy")
+    out = factorized_action_baseline(np.zeros((1, 2)), np.array([3.0]), np.array([[1.0, 2.5]]))
+    assert out.learning_signals.tolist() == [[2.0, 0.5]]
+    assert other_action_dimensions(np.array([1, 2, 3])).tolist() == [[2, 3], [1, 3], [1, 2]]
+    with pytest.raises(ValueError, match="must be a torch.Tensor or a numpy array"):
+        other_action_dimensions([1.0, 2.0])
+    with pytest.raises(ValueError, match="must be a torch.Tensor or a numpy array"):
+        factorized_action_baseline([[0.0, 0.0]], torch.zeros(1), torch.zeros(1, 2))

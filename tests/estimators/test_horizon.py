@@ -259,3 +259,49 @@ def test_targets_and_values_reject_bad_arguments():
         )  # fmt: skip
     with pytest.raises(ValueError, match="terminated must be a \\[T, N\\] tensor"):
         horizon_episode_flags(torch.zeros(3, dtype=torch.bool), None, torch.zeros(3), horizon=3)
+
+
+def test_an_integer_mask_is_a_type_error_not_indices():
+    zeros = torch.zeros(3)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        horizon_aware_value_loss(
+            zeros, zeros, zeros, torch.arange(3), horizon=3, gamma=0.9, mask=torch.tensor([1, 0, 1])
+        )
+
+
+def test_the_float16_loss_squares_in_float32():
+    # One error of 256: its square 65536 overflows float16 (max 65504), the mean 16384 does not.
+    v0 = torch.tensor([256.0, 0.0, 0.0, 0.0], dtype=torch.float16, requires_grad=True)
+    zeros = torch.zeros(4, dtype=torch.float16)
+    loss = horizon_aware_value_loss(v0, zeros, zeros, torch.arange(4), horizon=4, gamma=0.9)
+    assert loss.dtype == torch.float16
+    assert float(loss.detach()) == 16384.0
+    (grad,) = torch.autograd.grad(loss, v0)
+    assert grad.tolist() == [128.0, 0.0, 0.0, 0.0]
+
+
+def test_values_take_numpy_heads_and_step_indices_under_vmap():
+    np = pytest.importorskip("numpy")
+    v0, r_bar = np.zeros(3), np.full(3, 2.0)
+    out = horizon_aware_values(v0, r_bar, np.array([0, 1, 2]), horizon=3, gamma=0.5)
+    assert out.dtype == torch.float64
+    assert out.tolist() == [3.5, 3.0, 2.0]
+    # The range check reads values: skipped inside torch.func transforms (batched step indices).
+    steps = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    batched = torch.vmap(
+        lambda t: horizon_aware_values(torch.zeros(3), torch.ones(3), t, horizon=3, gamma=1.0)
+    )
+    assert batched(steps).tolist() == [[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: time_to_go_factor([0, 1], horizon=3, gamma=0.9),
+        lambda: horizon_aware_values([0.0], torch.zeros(1), torch.zeros(1), horizon=3, gamma=0.9),
+        lambda: horizon_episode_flags([[False]], None, torch.zeros(1, 1), horizon=3),
+    ],
+)
+def test_other_types_raise_value_error_naming_torch_and_numpy(call):
+    with pytest.raises(ValueError, match="must be a torch.Tensor or a numpy array"):
+        call()
