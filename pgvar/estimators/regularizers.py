@@ -361,7 +361,13 @@ def capped_log_probs(logits: torch.Tensor, ref_log_probs: torch.Tensor, cap: flo
     free_mass = torch.flip(torch.cumsum(torch.flip(sorted_p, [-1]), -1), [-1])  # p of actions k, k+1, ...
     # t_k solves sum_{j<k} c q_j + t sum_{j>=k} p_j = 1; the first k with t_k <= ratio_k is the solution
     # (for a smaller k the capped set is too small and t_k overshoots ratio_k).
-    log_t = torch.log((1.0 - capped_mass).clamp_min(0.0)) - torch.log(free_mass)
+    # (masked logs: a log of 0 in an unselected entry would still turn the backward pass into NaN)
+    remaining = 1.0 - capped_mass
+    valid = (remaining > 0) & (free_mass > 0)
+    one = torch.ones_like(remaining)
+    log_t = torch.log(torch.where(valid, remaining, one)) - torch.log(torch.where(valid, free_mass, one))
+    # no mass left to fill (only after the solution, never selected first) / nothing left to scale (reject)
+    log_t = torch.where(valid, log_t, torch.where(remaining > 0, math.inf, -math.inf))
     accept = log_t <= sorted_log_ratio + 1e-12
     first = torch.argmax(accept.to(torch.int8), dim=-1, keepdim=True)  # the last k always accepts
     log_t_star = log_t.gather(-1, first).clamp_min(0.0)  # t >= 1 (rounding)

@@ -11,6 +11,7 @@ finite bandit both optima are exact, so the frontier of true utility against KL 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -133,6 +134,34 @@ class GoodhartBandit(ReferenceRegularizedMDP):
         :param beta: KL coefficient :math:`\beta > 0`
         """
         return self.kl_regularized_optimum(beta)[0].exp()
+
+    def kl_optimum_with_kl(self, kl: float, tol: float = 1e-10) -> torch.Tensor:
+        r"""``[K]`` probabilities of the KL-regularized optimum :math:`\pi_\beta` whose KL to the reference is ``kl``.
+
+        :math:`\mathrm{KL}(\pi_\beta \| \pi_{\text{ref}})` decreases from :math:`\log(K / \#\arg\max)` to 0 as
+        :math:`\beta` grows, so :math:`\beta` is found by bisection on :math:`\log \beta`. This compares the KL penalty
+        and the cap at the *same* divergence (the frontier of ``docs/guide/regularization.md``).
+
+        :param kl: the target KL, in ``[0, log K)`` and below the KL of the greedy policy
+        :param tol: tolerance on the KL
+        """
+        target = float(kl)
+        greedy_kl = float(self.evaluate(self.kl_optimum(1e-12 * float(self.proxy_rewards.std()))).kl)
+        if not 0.0 <= target < greedy_kl:
+            raise ValueError(f"kl must be in [0, {greedy_kl:.6g}) (the KL of the greedy policy), got {kl!r}")
+        if target == 0.0:
+            return self.reference_probs[0].clone()
+        scale = float(self.proxy_rewards.std())
+        low, high = math.log(1e-12 * scale), math.log(1e12 * scale)  # KL(low) > target > KL(high)
+        probs = self.reference_probs[0]
+        for _ in range(200):
+            middle = 0.5 * (low + high)
+            probs = self.kl_optimum(math.exp(middle))
+            value = float(self.evaluate(probs).kl)
+            if abs(value - target) <= tol:
+                break
+            low, high = (middle, high) if value > target else (low, middle)
+        return probs
 
     def quantilizer(self, cap: float) -> torch.Tensor:
         r"""``[K]`` probabilities of the maximizer of :math:`\mathbb{E}_\pi \tilde r` subject to
