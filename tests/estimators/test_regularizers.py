@@ -331,3 +331,13 @@ def test_argument_checks_name_argument_value_and_allowed():
     assert check_coefficient("coef", 0) == 0.0 and check_cap("cap", 1) == 1.0
     with pytest.raises(ValueError, match="coef must be a finite number >= 0, got True"):
         check_coefficient("coef", True)  # type: ignore[arg-type]
+
+
+def test_capped_policy_backward_is_finite_at_ties_and_exact_fills():
+    """At the reference (every ratio tied) and where the capped mass is exactly 1, no NaN leaks into the gradient."""
+    ref = torch.full((1, 30), -math.log(30), dtype=F64)
+    for logits in (ref.clone(), torch.cat([torch.zeros(1, 10), torch.full((1, 20), -5.0)], -1).to(F64)):
+        leaf = logits.requires_grad_(True)
+        out = capped_log_probs(leaf, ref[0], 3.0)  # 10 arms x 3/30 fill the mass exactly
+        (grad,) = torch.autograd.grad((out.exp() * torch.arange(30, dtype=F64)).sum(), leaf)
+        assert bool(torch.isfinite(grad).all())

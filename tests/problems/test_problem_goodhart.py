@@ -75,18 +75,31 @@ def test_quantilizer_is_the_best_capped_policy(bandit):
 
 
 def natural_gradient_ascent(
-    problem, logits: torch.Tensor, steps: int, lr: float, **objective
+    problem, logits: torch.Tensor, steps: int, lr: float, backtrack: bool = False, **objective
 ) -> torch.Tensor:
     """Ascend ``exact_regularized_gradient`` preconditioned by the visitation d(s) pi(a|s) (Kakade's natural gradient
     of a tabular softmax: the step is lr times an advantage). Entries whose probability underflowed to 0 stay put.
+    With ``backtrack``, a step that does not increase the objective is retried with half the step size (and the
+    step size grows back by 1.5 after a success), so the ascent is monotone whatever the curvature.
     """
     logits = problem._logits(logits).clone()
+    value = float(problem.exact_regularized_objective(logits, **objective)) if backtrack else 0.0
     for _ in range(steps):
         grad = problem.exact_regularized_gradient(logits, **objective)["logits"]
         weight = problem.effective_horizon * problem.exact_state_action_occupancy(
             logits, objective.get("cap")
         )
-        logits += lr * torch.where(weight > 0, grad / weight, torch.zeros_like(grad))
+        direction = torch.where(weight > 0, grad / weight, torch.zeros_like(grad))
+        if not backtrack:
+            logits += lr * direction
+            continue
+        while lr > 1e-12:
+            candidate = logits + lr * direction
+            new_value = float(problem.exact_regularized_objective(candidate, **objective))
+            if new_value >= value:
+                logits, value, lr = candidate, new_value, 1.5 * lr
+                break
+            lr /= 2
     return logits
 
 
