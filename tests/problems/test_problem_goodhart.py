@@ -44,6 +44,7 @@ def test_kl_optimum_closed_form_gradient_and_first_order_condition(bandit):
     ]
     torch.testing.assert_close(autograd[0], closed_form, rtol=1e-10, atol=1e-12)
     optimum = bandit.kl_optimum(beta)
+    torch.testing.assert_close(optimum, bandit.kl_regularized_optimum(beta)[0].exp(), rtol=1e-12, atol=1e-14)
     at_optimum = bandit.exact_regularized_gradient(optimum.log()[None], coef=beta)["logits"]
     assert float(at_optimum.abs().max()) < 1e-12
     value = float(bandit.exact_regularized_objective(optimum.log()[None], coef=beta))
