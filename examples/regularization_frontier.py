@@ -27,7 +27,7 @@ from pgvar.problems import ERROR_DISTRIBUTIONS, GoodhartBandit
 SMOKE = os.environ.get("PGVAR_EXAMPLE_SMOKE", "0") not in ("", "0")
 N_ARMS = 1_000 if SMOKE else 10_000
 N_DRAWS = 2 if SMOKE else 10
-BETAS = [10.0, 3.0, 1.0, 0.3, 0.1]
+BETAS = [100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1]
 CAPS = [2.0, 5.0, 20.0, 100.0]
 
 
