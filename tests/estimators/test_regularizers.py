@@ -168,7 +168,7 @@ def test_gaussian_chi2_is_inf_exactly_when_the_policy_is_sqrt2_wider_with_clean_
     assert float(value.detach()) == math.inf
     (grad,) = torch.autograd.grad(value, wide)
     assert bool(torch.isfinite(grad).all())
-    assert float(diagonal_gaussian_divergence(zero, wide, zero, zero, "sqrt_chi2")) == math.inf
+    assert float(diagonal_gaussian_divergence(zero, wide.detach(), zero, zero, "sqrt_chi2")) == math.inf
 
 
 # ------------------------------------------------------------------------------------------- the cap
