@@ -56,6 +56,26 @@ def check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
+def check_cap(name: str, value: float) -> float:
+    """Return ``float(value)`` or raise ``ValueError`` unless it is a finite odds-ratio cap ``c >= 1``.
+
+    A cap below 1 is infeasible: :math:`\\sum_a \\pi(a) \\le c \\sum_a \\pi_{\\text{ref}}(a) = c < 1`.
+
+    >>> check_cap("cap", 0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: cap must be a finite number >= 1 (pi <= cap * pi_ref must leave room for a distribution), got 0.5
+    """
+    message = f"{name} must be a finite number >= 1 (pi <= cap * pi_ref must leave room for a distribution)"
+    try:
+        as_float = float(check_positive(name, value))
+    except ValueError:
+        raise ValueError(f"{message}, got {value!r}") from None
+    if as_float < 1.0:
+        raise ValueError(f"{message}, got {value!r}")
+    return as_float
+
+
 def check_eps(name: str, value: float, dtype: torch.dtype) -> float:
     """Return ``float(value)`` or raise ``ValueError`` unless it is a finite number > 0 that stays > 0 and finite
     in ``dtype`` (``1e-8`` is 0 in float16: ``std + eps`` would be 0 for constant input, and ``0 / 0`` NaN).

@@ -1,4 +1,5 @@
-"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization, control variates, soft-Q.
+"""Pure tensor estimators (torch only): returns, advantages, baselines, normalization, control variates, soft-Q,
+regularizers toward a reference policy.
 
 Every function takes time-major ``[T, N]`` tensors where time matters, states its formula and reference in its
 docstring, and validates its arguments (``ValueError`` naming the argument, the value and what is allowed).
@@ -50,6 +51,18 @@ from pgvar.estimators.horizon import (
 )
 from pgvar.estimators.normalization import NORMALIZATION_MODES, normalize_advantages
 from pgvar.estimators.qprop_eta import QPROP_ETA_RULES, QPROP_ETA_SCOPES, qprop_eta
+from pgvar.estimators.regularizers import (
+    DIVERGENCES,
+    KL_ESTIMATORS,
+    capped_log_probs,
+    categorical_divergence,
+    chi2_sample_estimate,
+    diagonal_gaussian_divergence,
+    discriminator_logistic_loss,
+    kl_sample_estimate,
+    occupancy_penalty_rewards,
+    odds_ratio_cap_penalty,
+)
 from pgvar.estimators.returns import discounted_returns, gae_advantages, td_lambda_returns
 from pgvar.estimators.soft_q import (
     EntropyRegularizedPGLoss,
@@ -100,4 +113,14 @@ __all__ = [
     "horizon_episode_flags",
     "other_action_dimensions",
     "time_to_go_factor",
+    "DIVERGENCES",
+    "KL_ESTIMATORS",
+    "capped_log_probs",
+    "categorical_divergence",
+    "chi2_sample_estimate",
+    "diagonal_gaussian_divergence",
+    "discriminator_logistic_loss",
+    "kl_sample_estimate",
+    "occupancy_penalty_rewards",
+    "odds_ratio_cap_penalty",
 ]

@@ -7,6 +7,9 @@ exact return, exact gradient, exact state values, vectorized episode sampling (t
 - :class:`TabularMDP`: random finite MDP, tabular softmax policy, solved by linear algebra.
 - :class:`GaussianBandit`: one-step contextual bandit, linear-Gaussian policy, closed-form expected reward.
 - :class:`LinearQuadraticRegulator`: finite-horizon LQR, linear-Gaussian policy, adjoint (Riccati-like) gradient.
+- :class:`ReferenceRegularizedMDP`: a tabular MDP with proxy and true rewards and a reference policy; exact
+  occupancy measures, divergences to the reference and regularized optima. :class:`GoodhartBandit` (heavy- or
+  light-tailed proxy error) and :class:`RewardHackingMDP` (ORPO's tomato-watering hack) are two of them.
 """
 
 from pgvar.problems.bandit import GaussianBandit
@@ -17,7 +20,10 @@ from pgvar.problems.base import (
     Params,
     check_parameters,
 )
+from pgvar.problems.goodhart import ERROR_DISTRIBUTIONS, GoodhartBandit, GoodhartPoint
 from pgvar.problems.lqr import LinearQuadraticRegulator
+from pgvar.problems.regularized import MEASURES, ReferenceRegularizedMDP
+from pgvar.problems.reward_hacking import RewardHackingMDP
 from pgvar.problems.tabular import TabularMDP
 
 __all__ = [
@@ -29,4 +35,10 @@ __all__ = [
     "Params",
     "TabularMDP",
     "check_parameters",
+    "MEASURES",
+    "ReferenceRegularizedMDP",
+    "ERROR_DISTRIBUTIONS",
+    "GoodhartBandit",
+    "GoodhartPoint",
+    "RewardHackingMDP",
 ]

@@ -15,7 +15,14 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from pgvar.estimators import discounted_returns
-from pgvar.problems import ExactGradientProblem, GaussianBandit, LinearQuadraticRegulator, TabularMDP
+from pgvar.problems import (
+    ExactGradientProblem,
+    GaussianBandit,
+    GoodhartBandit,
+    LinearQuadraticRegulator,
+    RewardHackingMDP,
+    TabularMDP,
+)
 
 # check_env warns about the deliberately unbounded Box spaces (rewards use the unclipped action).
 pytestmark = pytest.mark.filterwarnings(
@@ -46,6 +53,8 @@ FACTORIES = {
         state_dim=3, action_dim=2, horizon=6, gamma=1.0, seed=2
     ),
     "lqr-time-feature": lambda: LinearQuadraticRegulator(horizon=4, gamma=0.95, seed=4, observe_time=True),
+    "goodhart-bandit": lambda: GoodhartBandit(n_arms=6, error="student_t", seed=0),
+    "reward-hacking": lambda: RewardHackingMDP(n_cells=4, n_tomatoes=1, gamma=0.9, termination_prob=0.1),
 }
 
 
