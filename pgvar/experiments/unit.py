@@ -70,8 +70,29 @@ def library_versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
+    """Where a result was computed: the floating-point path (CPU capability torch dispatches to, thread count)
+    changes trajectories of chaotic control tasks from the first episode on, so results name it."""
+    import torch
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "mkl": torch.backends.mkl.is_available()}  # fmt: skip
+
+
+def code_state() -> dict[str, Any]:
+    """The git commit of the pgvar checkout that ran (and whether it had uncommitted changes), when there is one."""
+    import subprocess
+
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
 
 
 def _algorithm_class(name: str) -> Any:
@@ -193,7 +214,7 @@ def run_unit(unit: UnitSpec, results: str | os.PathLike[str]) -> dict[str, Any]:
         "unit_id": unit.unit_id, "digest": unit.digest, "spec": unit.to_json(), "status": "done",
         "final_return": final_return(curve, unit.total_timesteps, unit.final_fraction),
         "num_timesteps": int(model.num_timesteps), "episodes": curve, "resumed_from": resumed_from,
-        "versions": library_versions(), "machine": machine(),
+        "versions": library_versions(), "machine": machine(), "code": code_state(),
         "wall_seconds": time.time() - started_wall, "cpu_seconds": time.process_time() - started_cpu,
     }  # fmt: skip
     write_json(result_path, result)
