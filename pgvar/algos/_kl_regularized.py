@@ -27,6 +27,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorch
 from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 
 from pgvar._validation import check_positive, check_unit_interval
+from pgvar.algos._checks import RolloutChecksMixin, check_rewards_finite, check_sb3_arguments
 from pgvar.algos._save import SaveLoadMixin
 from pgvar.algos.soft_q_buffers import (
     KLRegularizedDictRolloutBuffer,
@@ -63,10 +64,12 @@ POLICY_ALIASES: dict[str, type[BasePolicy]] = {
 }
 
 
-class KLRegularizedOnPolicyAlgorithm(SaveLoadMixin, OnPolicyAlgorithm):
+class KLRegularizedOnPolicyAlgorithm(SaveLoadMixin, RolloutChecksMixin, OnPolicyAlgorithm):
     """What EntropyPG and SoftQ share: arguments, rollout tensors, the KL-regularized advantages, the update step.
 
-    Subclasses implement :meth:`_loss` (and set ``_log_prefix`` names); everything else is common.
+    Subclasses implement :meth:`_loss` (and set ``_log_prefix`` names); everything else is common. SB3's
+    arguments, ``learn``'s ``total_timesteps``, observations and rewards are checked like those of every pgvar
+    algorithm (:mod:`pgvar.algos._checks`).
     """
 
     policy: ActorCriticPolicy | SoftQPolicy  # type: ignore[assignment]
@@ -103,10 +106,15 @@ class KLRegularizedOnPolicyAlgorithm(SaveLoadMixin, OnPolicyAlgorithm):
         owner = type(self).__name__
         self.tau = float(check_positive("tau", tau))
         self.n_step = None if n_step is None else int(check_positive("n_step", n_step, integer=True))
-        check_positive("n_steps", n_steps, integer=True)
         check_unit_interval("gamma", gamma)
         check_unit_interval("gae_lambda", gae_lambda)
-        check_positive("max_grad_norm", max_grad_norm)
+        check_sb3_arguments(
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+        )
         if use_sde:
             raise ValueError(
                 f"use_sde must be False for {owner}: gSDE is for continuous actions, got {use_sde!r}"
@@ -118,8 +126,8 @@ class KLRegularizedOnPolicyAlgorithm(SaveLoadMixin, OnPolicyAlgorithm):
             n_steps=n_steps,
             gamma=gamma,
             gae_lambda=gae_lambda,
-            ent_coef=ent_coef,
-            vf_coef=vf_coef,
+            ent_coef=float(ent_coef),
+            vf_coef=float(vf_coef),
             max_grad_norm=max_grad_norm,
             use_sde=False,
             sde_sample_freq=sde_sample_freq,
@@ -238,6 +246,7 @@ class KLRegularizedOnPolicyAlgorithm(SaveLoadMixin, OnPolicyAlgorithm):
         """
         buffer = self.rollout_buffer
         n_time, n_envs = buffer.buffer_size, buffer.n_envs
+        check_rewards_finite(buffer.rewards)
         with th.no_grad():
             outputs = self.soft_outputs(self._rollout_observations(with_last=True))
         log_probs = outputs.log_probs.reshape(n_time + 1, n_envs, -1)[:n_time]

@@ -7,20 +7,25 @@ rollout buffer (:mod:`pgvar.algos.buffers`, which calls :mod:`pgvar.estimators`)
 reads the advantages, and per-minibatch normalization stays SB3's own line in ``train()``.
 
 A subclass's ``__init__`` calls :meth:`OnPolicyEstimatorMixin._init_estimator_options` **before**
-``super().__init__`` and passes the returned flag on as SB3's ``normalize_advantage``::
+``super().__init__``, with the SB3 arguments that SB3 does not check (:func:`pgvar.algos._checks.check_sb3_arguments`),
+and passes the returned flag on as SB3's ``normalize_advantage``::
 
     class PPO(OnPolicyEstimatorMixin, stable_baselines3.PPO):
         def __init__(self, policy, env, ..., normalize_advantage=True, ..., *, baseline="value"):
             minibatch = self._init_estimator_options(
-                gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage
+                gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage,
+                learning_rate=learning_rate, n_steps=n_steps, ...,
             )
             super().__init__(policy, env, ..., normalize_advantage=minibatch, ...)
+
+The mixin also brings :class:`~pgvar.algos._checks.RolloutChecksMixin`: ``learn(total_timesteps)`` is checked and
+every observation the environments return must be finite.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -34,6 +39,7 @@ from pgvar._sb3_policy import (
     preprocess_actor_observations,
 )
 from pgvar._validation import check_choice, check_unit_interval
+from pgvar.algos._checks import RolloutChecksMixin, check_sb3_arguments
 from pgvar.algos.buffers import (
     BASELINES,
     EstimatorBufferMixin,
@@ -42,13 +48,6 @@ from pgvar.algos.buffers import (
 )
 from pgvar.estimators import NORMALIZATION_MODES
 from pgvar.measure import per_sample_grad_sq_norms
-
-if TYPE_CHECKING:
-    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-
-    _Base = OnPolicyAlgorithm
-else:
-    _Base = object
 
 __all__ = ["OnPolicyEstimatorMixin", "advantage_normalization_mode"]
 
@@ -68,7 +67,7 @@ def advantage_normalization_mode(normalize_advantage: bool | str) -> str:
     return "minibatch" if normalize_advantage else "none"
 
 
-class OnPolicyEstimatorMixin(_Base):
+class OnPolicyEstimatorMixin(RolloutChecksMixin):
     """Adds ``baseline`` and the ``normalize_advantage`` modes to an SB3 on-policy algorithm (see module doc).
 
     Attributes set here (saved with the model): ``baseline`` (``"value"``, ``"none"``, ``"mean"`` or
@@ -83,11 +82,20 @@ class OnPolicyEstimatorMixin(_Base):
 
     # ------------------------------------------------------------------------------------------ options
     def _init_estimator_options(
-        self, *, gamma: float, gae_lambda: float, baseline: str, normalize_advantage: bool | str
+        self,
+        *,
+        gamma: float,
+        gae_lambda: float,
+        baseline: str,
+        normalize_advantage: bool | str,
+        **sb3_arguments: Any,
     ) -> bool:
-        """Validate the estimator arguments, store them, and return SB3's per-minibatch normalization flag."""
+        """Validate the estimator arguments and ``sb3_arguments`` (SB3 arguments SB3 does not check:
+        :func:`~pgvar.algos._checks.check_sb3_arguments`), store the estimator options, and return SB3's
+        per-minibatch normalization flag."""
         check_unit_interval("gamma", gamma)
         check_unit_interval("gae_lambda", gae_lambda)
+        check_sb3_arguments(**sb3_arguments)
         self.baseline = check_choice("baseline", baseline, BASELINES)
         self.advantage_normalization = advantage_normalization_mode(normalize_advantage)
         if self.baseline in ("mean", "optimal") and self.advantage_normalization != "none":
@@ -142,17 +150,29 @@ class OnPolicyEstimatorMixin(_Base):
             self._check_score_sq_norms_supported()
 
     def _estimator_buffer_class(self) -> type[RolloutBuffer] | None:
-        """The estimator buffer to build, or ``None`` to keep a user's own buffer class unchanged."""
+        """The estimator buffer to build, or ``None`` to keep a user's own buffer class unchanged.
+
+        ``None`` builds the estimator buffer for the observation space, as SB3 picks its own. SB3's
+        ``RolloutBuffer`` and ``DictRolloutBuffer`` are replaced by their estimator subclasses whatever the space,
+        so SB3's own checks still run (``DictRolloutBuffer`` on a ``Box`` space fails as in SB3). A subclass of
+        the estimator buffers is used as is, with the options. Any other buffer class (or factory) is used as is:
+        it computes SB3's GAE, which is exactly pgvar's default estimator, so it is refused only with a
+        non-default ``baseline`` or ``normalize_advantage="batch"``, which it could not apply.
+        """
         requested = self.rollout_buffer_class
-        if requested is None or requested in (RolloutBuffer, DictRolloutBuffer):
+        if requested is None:
             if isinstance(self.observation_space, spaces.Dict):
                 return EstimatorDictRolloutBuffer
             return EstimatorRolloutBuffer
-        if issubclass(requested, EstimatorBufferMixin):
+        if requested is RolloutBuffer:
+            return EstimatorRolloutBuffer
+        if requested is DictRolloutBuffer:
+            return EstimatorDictRolloutBuffer
+        if isinstance(requested, type) and issubclass(requested, EstimatorBufferMixin):
             return requested
         if self.baseline != "value" or self.advantage_normalization == "batch":
             raise ValueError(
-                f"rollout_buffer_class={requested.__name__} computes its own advantages, so "
+                f"rollout_buffer_class={getattr(requested, '__name__', requested)} computes its own advantages, so "
                 f"baseline={self.baseline!r} and normalize_advantage={self.advantage_normalization!r} cannot take "
                 "effect; pass a subclass of pgvar.algos.buffers.EstimatorRolloutBuffer (or "
                 "EstimatorDictRolloutBuffer), or rollout_buffer_class=None"

@@ -1,8 +1,9 @@
 """The replay feed: every transition an SB3 on-policy algorithm collects also goes into an off-policy replay buffer.
 
-SB3's ``collect_rollouts`` is not copied: the callback it is given is wrapped by :class:`ReplayFeed`, which stores
-each vectorized step with the logic of SB3's ``OffPolicyAlgorithm._store_transition`` before it forwards the
-call. Used by Q-Prop (:class:`~pgvar.algos.qprop_critic.QPropCritic` trains on the buffer).
+SB3's ``collect_rollouts`` is not copied: the callback it is given is wrapped by :class:`ReplayFeed` (a
+``StepHook``, :mod:`pgvar.algos._step_hook`), which stores each vectorized step with the logic of SB3's
+``OffPolicyAlgorithm._store_transition`` before it forwards the call. Used by Q-Prop
+(:class:`~pgvar.algos.qprop_critic.QPropCritic` trains on the buffer).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
+from pgvar.algos._step_hook import StepHook
+
 __all__ = ["ReplayFeed", "store_transition"]
 
 
-class ReplayFeed(BaseCallback):
+class ReplayFeed(StepHook):
     """Wraps the callback given to ``collect_rollouts``: stores each transition in the replay buffer, then forwards.
 
     ``collect_rollouts`` calls ``update_locals`` and ``on_step`` right after ``env.step`` and **before** it adds
@@ -31,27 +34,12 @@ class ReplayFeed(BaseCallback):
     """
 
     def __init__(self, algorithm: OnPolicyAlgorithm, replay_buffer: ReplayBuffer, callback: BaseCallback) -> None:
-        super().__init__()
+        super().__init__(callback)
         self.algorithm = algorithm
         self.replay_buffer = replay_buffer
-        self.callback = callback
 
-    def on_rollout_start(self) -> None:
-        self.callback.on_rollout_start()
-
-    def update_locals(self, locals_: dict[str, Any]) -> None:
-        self.locals = locals_
-        self.callback.update_locals(locals_)
-
-    def on_step(self) -> bool:
-        store_transition(self.algorithm, self.replay_buffer, self.locals)
-        return self.callback.on_step()
-
-    def on_rollout_end(self) -> None:
-        self.callback.on_rollout_end()
-
-    def _on_step(self) -> bool:  # pragma: no cover - on_step is overridden
-        return True
+    def before_step(self, step_locals: dict[str, Any]) -> None:
+        store_transition(self.algorithm, self.replay_buffer, step_locals)
 
 
 def store_transition(algorithm: OnPolicyAlgorithm, replay_buffer: ReplayBuffer, step_locals: dict[str, Any]) -> None:

@@ -70,7 +70,9 @@ class A2C(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.A2C):
         baseline: str = "value",
     ) -> None:
         normalize_minibatches = self._init_estimator_options(
-            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage
+            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage,
+            learning_rate=learning_rate, n_steps=n_steps, ent_coef=ent_coef, vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
         )
         super().__init__(
             policy,

@@ -26,6 +26,7 @@ from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.type_aliases import TensorDict
 
 from pgvar._validation import check_choice
+from pgvar.algos._checks import check_rewards_finite
 from pgvar.estimators import (
     constant_baseline,
     discounted_returns,
@@ -99,7 +100,7 @@ class EstimatorBufferMixin:
         :param last_values: ``V(s_T)`` of the observation after the last step, one per env
         :param dones: whether the last step ended an episode, one per env
         """
-        self._check_rewards_finite()
+        check_rewards_finite(self.rewards)
         rewards = th.from_numpy(self.rewards)
         values = th.from_numpy(self.values)
         last_values = last_values.detach().to(device="cpu", dtype=values.dtype).reshape(1, self.n_envs)
@@ -133,18 +134,6 @@ class EstimatorBufferMixin:
                 )
             score_sq_norms = self.score_sq_norms_fn(self.observations, self.actions).to(pg_returns.dtype)
         return constant_baseline(self.baseline, pg_returns, score_sq_norms=score_sq_norms)
-
-    def _check_rewards_finite(self) -> None:
-        """Raise ``ValueError`` naming the env and the step of the first non-finite reward of the rollout."""
-        finite = np.isfinite(self.rewards)
-        if not finite.all():
-            step, env_index = (int(i) for i in np.argwhere(~finite)[0])
-            raise ValueError(
-                f"env {env_index} returned a non-finite reward ({self.rewards[step, env_index]}) at step {step} of "
-                f"the rollout (0-based; n_steps={self.buffer_size}, n_envs={self.n_envs}); rewards must be finite. The "
-                "stored reward includes SB3's time-limit bootstrap gamma * V(final observation), so a non-finite "
-                "value at a truncation shows up here too."
-            )
 
 
 class EstimatorRolloutBuffer(EstimatorBufferMixin, RolloutBuffer):

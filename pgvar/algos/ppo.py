@@ -74,7 +74,9 @@ class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO):
         baseline: str = "value",
     ) -> None:
         normalize_minibatches = self._init_estimator_options(
-            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage
+            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage,
+            learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+            clip_range=clip_range, ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm, target_kl=target_kl,
         )
         super().__init__(
             policy,

@@ -135,12 +135,8 @@ class EntropyPG(KLRegularizedOnPolicyAlgorithm):
         n_step: int | None = None,
     ) -> None:
         tau = float(check_positive("tau", tau))
-        if vf_coef is None:
+        if vf_coef is None:  # ent_coef and a given vf_coef are checked with the other SB3 arguments
             vf_coef = 1.0 / (2.0 * tau)
-        elif isinstance(vf_coef, bool) or not isinstance(vf_coef, (int, float)) or not vf_coef >= 0:
-            raise ValueError(f"vf_coef must be a number >= 0 or None (= 1/(2 tau)), got {vf_coef!r}")
-        if isinstance(ent_coef, bool) or not isinstance(ent_coef, (int, float)) or not ent_coef >= 0:
-            raise ValueError(f"ent_coef must be a number >= 0, got {ent_coef!r}")
         if not isinstance(normalize_advantage, bool):
             raise ValueError(f"normalize_advantage must be True or False, got {normalize_advantage!r}")
         self.normalize_advantage = normalize_advantage
@@ -151,8 +147,8 @@ class EntropyPG(KLRegularizedOnPolicyAlgorithm):
             n_steps=n_steps,
             gamma=gamma,
             gae_lambda=gae_lambda,
-            ent_coef=float(ent_coef),
-            vf_coef=float(vf_coef),
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
             max_grad_norm=max_grad_norm,
             rms_prop_eps=rms_prop_eps,
             use_rms_prop=use_rms_prop,

@@ -71,7 +71,11 @@ class TRPO(SaveLoadMixin, OnPolicyEstimatorMixin, sb3_contrib.TRPO):
         baseline: str = "value",
     ) -> None:
         normalize_minibatches = self._init_estimator_options(
-            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage
+            gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage,
+            learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping, line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter, n_critic_updates=n_critic_updates, target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
         )
         super().__init__(
             policy,
