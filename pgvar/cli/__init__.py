@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pgvar import __version__
 from pgvar.cli import compare, decompose, sweep
@@ -25,9 +26,16 @@ from pgvar.cli._args import flag_names
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error on one line (no usage block: ``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pgvar`` parser with every command (builds without importing torch)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pgvar",
         description="Measure and reduce the variance of policy-gradient estimators.",
         epilog="exit status: 0 done, 2 usage error (one line on stderr), 1 failure while running, 130 interrupted. "

@@ -128,8 +128,9 @@ def text_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
     """
     keep = list(range(len(columns)))
     gap = 2
+    full_rows = [row for row in rows if any(cell != "" for cell in row[1:])]  # continuation lines overflow freely
     while True:
-        widths = {i: max([len(columns[i].header)] + [len(row[i]) for row in rows]) for i in keep}
+        widths = {i: max([len(columns[i].header)] + [len(row[i]) for row in full_rows]) for i in keep}
         total = sum(widths.values()) + gap * (len(keep) - 1)
         if total <= width or len(keep) <= 2:
             break
@@ -196,8 +197,10 @@ def check_output_files(paths: Sequence[Path], *, overwrite: bool, flag: str = "-
                 probe.unlink()
     existing = [str(path) for path in paths if path.exists()]
     if existing and not overwrite:
+        verb = "exists" if len(existing) == 1 else "exist"
         raise UsageError(
-            f"{flag}: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose another {flag}"
+            f"{flag}: {' and '.join(existing)} {verb} from an earlier run; pass --overwrite to replace, or choose "
+            f"another {flag}"
         )
 
 

@@ -55,18 +55,18 @@ ENV_OPTIONS = {"model": None, "algo": "ppo", "train_steps": 20_000, "n_envs": 8,
 
 PROBLEM_COLUMNS = (
     ("|bias|", "distance from the mean of the batch estimates to the exact gradient"),
-    ("bias z", "largest |bias| / standard error over coordinates: a few units for an unbiased estimator"),
+    ("bias-z", "largest |bias| / standard error over coordinates: a few units for an unbiased estimator"),
     ("variance", "tr Var of one batch estimate, measured across the batches"),
-    ("vs first", "variance / the first row's variance"),
+    ("ratio", "variance / the first row's variance"),
     ("SNR", "|grad J|^2 / variance (exact gradient: no plug-in bias)"),
-    ("cos exact", "mean cosine of a batch estimate to the exact gradient, ± its standard error"),
-    ("cos pair", "mean cosine between two batch estimates (Ilyas et al. 2020)"),
+    ("cos-exact", "mean cosine of a batch estimate to the exact gradient, ± its standard error"),
+    ("cos-pair", "mean cosine between two batch estimates (Ilyas et al. 2020)"),
 )
 ENV_COLUMNS = (
     ("SNR", "|mean|^2 / tr Var of one batch estimate (plug-in)"),
-    ("SNR debiased", "the same minus the mean's own noise, tr Var / K: can be negative when the signal is lost"),
-    ("cos ref", "mean cosine of a batch estimate to the reference gradient, ± its standard error"),
-    ("cos pair", "mean cosine between two batch estimates"),
+    ("SNR-debiased", "the same minus the mean's own noise, tr Var / K: can be negative when the signal is lost"),
+    ("cos-ref", "mean cosine of a batch estimate to the reference gradient, ± its standard error"),
+    ("cos-pair", "mean cosine between two batch estimates"),
 )
 SAME_ROWS = "= NAME: the estimator(s) named give the numbers of the row above to the digits shown"
 
@@ -89,7 +89,7 @@ def add_parser(commands: Any) -> None:
     problem.add_argument("--problem", choices=PROBLEMS, default=None, help="built-in problem (default: tabular)")
     problem.add_argument(
         "--estimators", nargs="+", choices=ESTIMATORS, default=None, metavar="NAME",
-        help=f"estimators to compare, the first is the reference of 'vs first' (default: all of {', '.join(ESTIMATORS)})",
+        help=f"estimators to compare, the first is the reference of 'ratio' (default: all of {', '.join(ESTIMATORS)})",
     )  # fmt: skip
     problem.add_argument("--batch-size", type=positive_int, default=None, help="episodes per batch (default: 32)")
     problem.add_argument("--gae-lambda", type=unit_interval, default=None, help="lambda of the GAE estimator (default: 0.95)")
@@ -128,7 +128,8 @@ def resolve_options(args: argparse.Namespace) -> None:
     given = [_flag(dest) for dest in unused if getattr(args, dest) is not None]
     if given:
         mode = f"with --env {args.env}" if args.env is not None else "without --env (on a built-in problem)"
-        raise UsageError(f"{', '.join(given)} do(es) not apply {mode}")
+        verb = "does" if len(given) == 1 else "do"
+        raise UsageError(f"{' and '.join(given)} {verb} not apply {mode}")
     if args.model is not None and args.train_steps is not None:
         raise UsageError("--train-steps does not apply with --model (a saved model is measured as it is)")
     for dest, default in used.items():

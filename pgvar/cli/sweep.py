@@ -194,7 +194,7 @@ def render_aggregate(aggregate: Any, reference: bool, command: str) -> str:
              markdown_table(headers, cells, ["left", "left", "right", "right", "right", "right"][: len(headers)])]  # fmt: skip
     fraction = config.get("final_fraction", 0.1)
     parts += ["", f"n: seeds that finished. Final return: the mean return of the episodes that ended in the last "
-              f"{format_number(100 * fraction)}% of the {config['total_timesteps']} steps; mean and IQM (interquartile "
+              f"{100 * fraction:g}% of the {config['total_timesteps']} steps; mean and IQM (interquartile "
               "mean) over seeds with 95% stratified-bootstrap percentile intervals (Agarwal et al. 2021)."]  # fmt: skip
     if reference:
         source = config.get("reference", {}).get("source")
@@ -250,6 +250,8 @@ def plot_curves(aggregate: Any, reference: bool, path: Path) -> None:
 def run_aggregate_command(args: argparse.Namespace) -> int:
     if not args.results.is_dir():
         raise UsageError(f"RESULTS: no such folder: {str(args.results)!r}")
+    if not (args.results / "sweep.json").is_file():
+        raise UsageError(f"RESULTS {str(args.results)!r} is not a folder written by pgvar sweep (no sweep.json)")
     output = args.output if args.output is not None else args.results
     files = [output / "aggregate.md", output / "aggregate.json"] + ([] if args.no_plot else [output / "aggregate.png"])
     check_output_files(files, overwrite=args.overwrite)
