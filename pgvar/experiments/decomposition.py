@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pgvar._sb3_policy import detached_policy_copy
 from pgvar._validation import check_choice, check_positive
 
 __all__ = ["DECOMPOSITION_ALGORITHMS", "DecompositionRun", "decompose_training"]
@@ -82,7 +83,12 @@ def _sample_batch(policy: Any, env_id: str, n_states: int, gamma: float, horizon
     from pgvar.rollouts import sample_nested_rollouts
 
     torch.set_num_threads(1)
-    return sample_nested_rollouts(policy, env_id, n_states, gamma=gamma, horizon=horizon, seed=seed, critic=critic)
+    samples = sample_nested_rollouts(policy, env_id, n_states, gamma=gamma, horizon=horizon, seed=seed, critic=critic)
+    # plain data, to cross a process boundary (autograd graphs do not)
+    detached = {field.name: getattr(samples, field.name).detach() for field in dataclasses.fields(samples)
+                if isinstance(getattr(samples, field.name), torch.Tensor)}  # fmt: skip
+    baselines = {name: values.detach() for name, values in samples.baselines.items()}
+    return dataclasses.replace(samples, baselines=baselines, **detached)
 
 
 def _report(progress: Progress | None, stage: str, total: int, done: int) -> None:
@@ -200,7 +206,8 @@ def decompose_training(
             model.learn(step - model.num_timesteps, reset_num_timesteps=False)
         started = time.perf_counter()
         model.policy.set_training_mode(False)
-        jobs = [(model.policy, env_id, size, gamma, horizon, seed + 7919 * (index + 1) + step, critic)
+        policy = model.policy if backend == "local" and workers == 1 else detached_policy_copy(model.policy)
+        jobs = [(policy, env_id, size, gamma, horizon, seed + 7919 * (index + 1) + step, critic)
                 for index, size in enumerate(sizes)]  # fmt: skip
         report = functools.partial(_report, progress, f"states at step {model.num_timesteps}", len(jobs))
         batches = _run_batches(jobs, backend, workers, address, report)
