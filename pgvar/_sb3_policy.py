@@ -29,6 +29,7 @@ from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import Tensor, nn
 
 __all__ = [
+    "detached_policy_copy",
     "actor_parameter_names",
     "buffer_rows",
     "env_actions",
@@ -219,3 +220,19 @@ def buffer_rows(
     if flat_indices is None:
         flat_indices = np.arange(n_steps * n_envs)
     return array[flat_indices % n_steps, flat_indices // n_steps]
+
+
+def detached_policy_copy(policy: Any) -> Any:
+    """A new policy of the same class, with the same constructor arguments and parameters, that pickles.
+
+    An SB3 policy keeps the last action distribution it built (``policy.action_dist.distribution``), whose
+    tensors are part of an autograd graph; torch refuses to pickle those across processes. The copy is built as
+    SB3's ``BasePolicy.load`` does (``cls(**policy._get_constructor_parameters())``, then the ``state_dict``), in the
+    original's training mode, on the CPU. The global torch random stream is left as it was (the constructor's
+    weight initialization draws from it).
+    """
+    with torch.random.fork_rng(devices=[]):
+        copy = type(policy)(**policy._get_constructor_parameters())
+    copy.load_state_dict({name: value.detach().cpu() for name, value in policy.state_dict().items()})
+    copy.set_training_mode(policy.training)
+    return copy

@@ -134,7 +134,8 @@ def test_cli_bad_input_exits_with_a_message_and_keeps_old_results(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["compare", "--gae-lambda", "2", "--output", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "gae_lambda must be in [0, 1], got 2.0" in capsys.readouterr().err
+    # Issue 15: the message names the flag, not the library's argument (was "gae_lambda must be in [0, 1], got 2.0").
+    assert "--gae-lambda: must be in [0, 1], got '2'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["compare", "--batch-size", "0"])
     assert "must be a whole number > 0, got '0'" in capsys.readouterr().err

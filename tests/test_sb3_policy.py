@@ -91,3 +91,28 @@ def test_env_actions_clip_box_actions_only():
     np.testing.assert_array_equal(env_actions(box, np.array([[2.0, -0.5]])), [[1.0, -0.5]])
     discrete = np.array([2, 0])
     assert env_actions(spaces.Discrete(3), discrete) is discrete
+
+
+def test_detached_policy_copy_pickles_and_leaves_the_random_stream_alone():
+    import io
+
+    from stable_baselines3 import PPO as SB3PPO
+    from torch.multiprocessing.reductions import init_reductions
+
+    from pgvar._sb3_policy import detached_policy_copy
+
+    init_reductions()
+    policy = SB3PPO("MlpPolicy", "Pendulum-v1", seed=0, device="cpu").policy
+    obs = torch.randn(5, 3)
+    policy.get_distribution(obs)  # leaves a distribution with autograd history on the policy
+    state = torch.random.get_rng_state()
+    copy = detached_policy_copy(policy)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    import multiprocessing.reduction
+
+    buffer = io.BytesIO()
+    multiprocessing.reduction.ForkingPickler(buffer).dump(copy)  # what a process pool does
+    with pytest.raises(RuntimeError, match="non-leaf tensor"):
+        multiprocessing.reduction.ForkingPickler(io.BytesIO()).dump(policy)
+    torch.testing.assert_close(copy.predict_values(obs), policy.predict_values(obs))
+    torch.testing.assert_close(copy.get_distribution(obs).distribution.mean, policy.get_distribution(obs).distribution.mean)

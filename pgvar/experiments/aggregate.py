@@ -102,6 +102,21 @@ class AggregateResult:
     #: versions and machine of the units (distinct values)
     provenance: dict[str, list[Any]]
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the tuple keys of ``curves`` and ``improvement`` become fields of list entries."""
+        return {
+            "rows": self.rows,
+            "curves": [{"env": env, "learner": learner, **curve} for (env, learner), curve in self.curves.items()],
+            "improvement": [
+                {"env": env, "learner": a, "over": b, "probability": p, "low": low, "high": high}
+                for env, pairs in self.improvement.items()
+                for (a, b), (p, low, high) in pairs.items()
+            ],
+            "missing": self.missing,
+            "sweep": self.sweep,
+            "provenance": self.provenance,
+        }
+
 
 def _binned_curve(episodes: list[list[float]], grid: np.ndarray) -> np.ndarray:
     """The mean return of the episodes that ended in each bin ``(grid[i-1], grid[i]]``, carried forward."""

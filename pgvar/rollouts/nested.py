@@ -103,6 +103,26 @@ class NestedRolloutSamples:
     #: ``[S, 6]`` steps each continuation ran (R_1, R_2, R', three values)
     continuation_steps: torch.Tensor
 
+    @classmethod
+    def concatenate(cls, parts: list[NestedRolloutSamples]) -> NestedRolloutSamples:
+        """The samples of several independent calls (e.g. batches of states measured by different processes) as
+        one set: every per-state tensor concatenated along the state dimension.
+
+        :raises ValueError: for no parts, or parts with different baselines
+        """
+        if not parts:
+            raise ValueError("parts must hold at least one NestedRolloutSamples, got none")
+        names = set(parts[0].baselines)
+        if any(set(part.baselines) != names for part in parts):
+            raise ValueError(f"parts must have the same baselines, got {[sorted(part.baselines) for part in parts]}")
+        fields = {
+            name: torch.cat([getattr(part, name) for part in parts])
+            for name in ("scores", "returns", "fresh_scores", "fresh_returns", "timesteps", "observations", "actions",
+                         "continuation_steps")
+        }  # fmt: skip
+        baselines = {name: torch.cat([part.baselines[name] for part in parts]) for name in parts[0].baselines}
+        return cls(baselines=baselines, **fields)
+
     def decomposition(self, state_baseline: str = "mc_value") -> VarianceDecomposition:
         """The Mirage decomposition of these samples (:func:`pgvar.measure.variance_decomposition`)."""
         return variance_decomposition(
