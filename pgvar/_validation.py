@@ -3,8 +3,10 @@
 Numbers: :func:`check_positive`, :func:`check_nonnegative`, :func:`check_unit_interval`, :func:`check_eps`,
 :func:`check_choice`. Tensors: :func:`as_tensor` (numpy arrays are accepted), :func:`check_float_tensor`,
 :func:`check_finite`, :func:`check_shape`, :func:`check_same_shape`, :func:`check_time_major`,
-:func:`check_zero_one_flags`, :func:`check_mask` (bool only), :func:`check_log_normalized`. Checks that read tensor *values* are skipped
-inside ``torch.func`` transforms (:func:`is_concrete`), where values cannot be read.
+:func:`check_zero_one_flags`, :func:`check_mask` (bool only), :func:`check_log_normalized`. Distributions over an
+action axis: :func:`check_action_tensor`, :func:`check_reference_log_probs`. Checks that read tensor *values* are
+skipped inside ``torch.func`` transforms (:func:`is_concrete`), where values cannot be read; :func:`working_dtype`
+is the dtype 16-bit floats are computed in.
 """
 
 from __future__ import annotations
@@ -218,6 +220,47 @@ def check_log_normalized(name: str, log_probs: torch.Tensor, dim: int = -1) -> t
             f"torch.log_softmax(logits, -1) or probs.log()"
         )
     return log_probs
+
+
+def check_action_tensor(name: str, tensor: object) -> torch.Tensor:
+    """Return ``tensor`` (:func:`as_tensor`) as a floating-point ``[*, A]`` tensor with ``A >= 1``, or raise
+    ``ValueError``; values are not checked (logits, log-probabilities with ``-inf`` and Q-values all pass)."""
+    as_torch = check_float_tensor(name, tensor, "[*, A] (A actions)", finite=False)
+    if as_torch.dim() < 1:
+        raise ValueError(f"{name} must be a floating-point tensor of shape [*, A] (A actions), got shape ()")
+    if as_torch.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one action on its last axis, got shape {tuple(as_torch.shape)}")
+    return as_torch
+
+
+def check_reference_log_probs(name: str, ref_log_probs: object, like: torch.Tensor) -> torch.Tensor:
+    """Return ``ref_log_probs`` in ``like``'s dtype, or raise ``ValueError`` unless it is the log of a reference
+    distribution over the last axis of ``like`` (``[*, A]``).
+
+    It must broadcast to ``like.shape`` with the same number of actions, be finite (every action has a positive
+    reference probability: a zero makes the KL of any softmax policy infinite) and normalized in ``like``'s
+    dtype (:func:`check_log_normalized`). A ``None`` reference (uniform) is the caller's to handle.
+    """
+    n_actions = like.shape[-1]
+    ref = as_tensor(name, ref_log_probs, f" of log-probabilities over the {n_actions} actions")
+    if ref.dim() < 1 or ref.shape[-1] != n_actions:
+        raise ValueError(
+            f"{name} must have the {n_actions} actions on its last axis (shape [A] or broadcastable to "
+            f"{tuple(like.shape)}), got shape {tuple(ref.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(ref.shape, like.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(ref.shape)} does not broadcast to {tuple(like.shape)}") from None
+    if not ref.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of log-probabilities, got dtype {ref.dtype}")
+    ref = ref.to(like.dtype)
+    if is_concrete(ref) and not bool(torch.isfinite(ref).all()):
+        raise ValueError(
+            f"{name} must be finite: every action needs a reference probability > 0 (a zero makes the "
+            f"KL of a softmax policy infinite), got {ref_log_probs}"
+        )
+    return check_log_normalized(name, ref)
 
 
 def as_tensor(name: str, value: object, what: str = "") -> torch.Tensor:

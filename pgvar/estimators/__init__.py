@@ -9,12 +9,14 @@ One input rule for every function of this package:
 * **Arrays**: a tensor argument may be a ``torch.Tensor`` or a numpy array; arrays are converted with
   ``torch.as_tensor`` (no copy) and the result is a tensor. Anything else (a list, a number where a tensor is
   expected) raises ``ValueError``.
-* **dtypes**: float64, float32, float16 and bfloat16. Where precision matters (the return recursions and the
-  standardization) 16-bit inputs are computed in float32 and the result is cast back to the input's dtype.
+* **dtypes**: float64, float32, float16 and bfloat16. Where precision matters (the return recursions, the
+  standardization, the regularizers) 16-bit inputs are computed in float32 and the result is cast back to the
+  input's dtype.
 * **Masks** are bool tensors of the documented shape that select at least one entry. An integer or float 0/1
   mask raises ``TypeError``: used to index, it would select elements 0 and 1 instead of the entries marked 1.
-* **Log-probabilities** (``log_probs``, ``ref_log_probs``) must be normalized over the action axis
-  (``logsumexp`` = 0 within the dtype's rounding): logits or probabilities raise ``ValueError``.
+* **Log-probabilities** of whole distributions (``log_probs``, ``ref_log_probs`` with an action axis) must be
+  normalized over that axis (``logsumexp`` = 0 within the dtype's rounding): logits or probabilities raise
+  ``ValueError``. Log-probabilities of sampled actions (one per entry, as in ``kl_sample_estimate``) are not.
 * Checks that read values (finite, 0/1, normalized) are skipped inside ``torch.func`` transforms.
 
 The checks themselves live in ``pgvar._validation``, shared with the other layers.

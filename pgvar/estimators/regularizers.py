@@ -28,14 +28,19 @@ import torch
 import torch.nn.functional as F
 
 from pgvar._validation import (
+    check_action_tensor,
     check_cap,
     check_choice,
+    check_float_tensor,
+    check_log_normalized,
+    check_mask,
     check_nonnegative,
+    check_reference_log_probs,
     check_shape,
     check_unit_interval,
-    is_concrete,
+    working_dtype,
 )
-from pgvar.estimators.soft_q import _check_action_tensor, _reference_log_probs, kl_to_reference
+from pgvar.estimators.soft_q import kl_to_reference
 
 __all__ = [
     "DIVERGENCES",
@@ -58,11 +63,16 @@ DIVERGENCES = ("kl", "chi2", "sqrt_chi2", "tv")
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_pair(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> None:
-    if not isinstance(log_probs, torch.Tensor) or not log_probs.is_floating_point():
-        kind = log_probs.dtype if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
-        raise ValueError(f"log_probs must be a floating-point tensor, got {kind}")
-    check_shape("ref_log_probs", ref_log_probs, log_probs.shape, like="log_probs")
+def _sampled_pair(log_probs: object, ref_log_probs: object) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """The log-probabilities of sampled actions under both policies (any shape, numpy accepted, not normalized:
+    one action per entry), in the dtype to compute in, and the dtype to return."""
+    log_probs = check_float_tensor("log_probs", log_probs, "[...] (sampled actions)", finite=False)
+    ref = check_float_tensor(
+        "ref_log_probs", ref_log_probs, f"{tuple(log_probs.shape)} (like log_probs)", finite=False
+    )
+    ref = check_shape("ref_log_probs", ref, log_probs.shape, like="log_probs")
+    dtype = torch.promote_types(log_probs.dtype, ref.dtype)
+    return log_probs.to(working_dtype(dtype)), ref.to(working_dtype(dtype)), dtype
 
 
 # ------------------------------------------------------------------------------------------------ sampled
@@ -100,13 +110,15 @@ def kl_sample_estimate(
     tensor([0.1065, 0.1487], dtype=torch.float64)
     """
     check_choice("estimator", estimator, KL_ESTIMATORS)
-    _check_pair(log_probs, ref_log_probs)
-    log_ratio = ref_log_probs - log_probs  # log r
+    log_p, log_ref, dtype = _sampled_pair(log_probs, ref_log_probs)
+    log_ratio = log_ref - log_p  # log r
     if estimator == "k1":
-        return -log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio.square()
-    return torch.expm1(log_ratio) - log_ratio
+        estimate = -log_ratio
+    elif estimator == "k2":
+        estimate = 0.5 * log_ratio.square()
+    else:
+        estimate = torch.expm1(log_ratio) - log_ratio
+    return estimate.to(dtype)
 
 
 def chi2_sample_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
@@ -132,8 +144,8 @@ def chi2_sample_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -
     >>> chi2_sample_estimate(torch.tensor([0.5, 0.5]).log(), torch.tensor([0.25, 1.0]).log())
     tensor([ 1.0000, -0.5000])
     """
-    _check_pair(log_probs, ref_log_probs)
-    return torch.expm1(log_probs - ref_log_probs)
+    log_p, log_ref, dtype = _sampled_pair(log_probs, ref_log_probs)
+    return torch.expm1(log_p - log_ref).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ exact
@@ -166,18 +178,17 @@ def categorical_divergence(
     [0.1438, 0.3333, 0.5774, 0.25]
     """
     check_choice("divergence", divergence, DIVERGENCES)
-    _check_action_tensor("log_probs", log_probs)
-    ref = _reference_log_probs(ref_log_probs, log_probs)
-    if ref is None:  # _reference_log_probs passes None through: the argument is required here
-        raise ValueError("ref_log_probs must be a tensor of reference log-probabilities, got None")
+    log_probs = check_log_normalized("log_probs", check_action_tensor("log_probs", log_probs))
+    ref = check_reference_log_probs("ref_log_probs", ref_log_probs, log_probs)
     if divergence == "kl":
         return kl_to_reference(log_probs, ref)
-    probs, ref_probs = log_probs.exp(), ref.exp()
+    dtype = log_probs.dtype
+    log_p, log_q = log_probs.to(working_dtype(dtype)), ref.to(working_dtype(dtype))
     if divergence == "tv":
-        return 0.5 * (probs - ref_probs).abs().sum(-1)
+        return (0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)).to(dtype)
     # sum_a p^2 / q - 1 in log space (ref is finite, so p = 0 terms are exp(-inf) = 0).
-    chi2 = torch.expm1(torch.logsumexp(2.0 * log_probs - ref, dim=-1)).clamp_min(0.0)
-    return chi2 if divergence == "chi2" else chi2.sqrt()
+    chi2 = torch.expm1(torch.logsumexp(2.0 * log_p - log_q, dim=-1)).clamp_min(0.0)
+    return (chi2 if divergence == "chi2" else chi2.sqrt()).to(dtype)
 
 
 def diagonal_gaussian_divergence(
@@ -221,14 +232,10 @@ def diagonal_gaussian_divergence(
     tensor(inf, dtype=torch.float64)
     """
     check_choice("divergence", divergence, ("kl", "chi2", "sqrt_chi2"))
-    for name, tensor in (
-        ("mean", mean),
-        ("log_std", log_std),
-        ("ref_mean", ref_mean),
-        ("ref_log_std", ref_log_std),
-    ):
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 1:
-            raise ValueError(f"{name} must be a floating-point tensor of shape [*, d], got {tensor!r}")
+    names = ("mean", "log_std", "ref_mean", "ref_log_std")
+    mean, log_std, ref_mean, ref_log_std = (
+        _gaussian_parameter(name, tensor) for name, tensor in zip(names, (mean, log_std, ref_mean, ref_log_std))
+    )
     try:
         shape = torch.broadcast_shapes(mean.shape, log_std.shape, ref_mean.shape, ref_log_std.shape)
     except RuntimeError:
@@ -236,13 +243,17 @@ def diagonal_gaussian_divergence(
             "mean, log_std, ref_mean and ref_log_std must broadcast to one shape [*, d], got "
             f"{tuple(mean.shape)}, {tuple(log_std.shape)}, {tuple(ref_mean.shape)}, {tuple(ref_log_std.shape)}"
         ) from None
+    dtype = torch.promote_types(mean.dtype, log_std.dtype)
+    dtype = torch.promote_types(dtype, torch.promote_types(ref_mean.dtype, ref_log_std.dtype))
+    # 16-bit floats in float32: exp(2 log s) and the product over d overflow float16
+    compute = working_dtype(dtype)
+    mean, log_std, ref_mean, ref_log_std = (t.to(compute) for t in (mean, log_std, ref_mean, ref_log_std))
     gap_sq = (mean - ref_mean).square().expand(shape)
     log_std, ref_log_std = log_std.expand(shape), ref_log_std.expand(shape)
     if divergence == "kl":
         variance_ratio = torch.exp(2.0 * (log_std - ref_log_std))
-        return (
-            ref_log_std - log_std + 0.5 * (variance_ratio + gap_sq * torch.exp(-2.0 * ref_log_std)) - 0.5
-        ).sum(-1)
+        kl = ref_log_std - log_std + 0.5 * (variance_ratio + gap_sq * torch.exp(-2.0 * ref_log_std)) - 0.5
+        return kl.sum(-1).to(dtype)
     # d = 2 s2^2 - s1^2 = s2^2 (2 - e^{2 (log s1 - log s2)}); finite iff d > 0.
     rel = 2.0 - torch.exp(2.0 * (log_std - ref_log_std))
     finite = rel > 0
@@ -251,7 +262,14 @@ def diagonal_gaussian_divergence(
     log_terms = 2.0 * ref_log_std - log_std - 0.5 * log_d + gap_sq * torch.exp(-log_d)
     chi2 = torch.expm1(torch.where(finite, log_terms, torch.zeros_like(log_terms)).sum(-1)).clamp_min(0.0)
     chi2 = torch.where(finite.all(-1), chi2, torch.full_like(chi2, math.inf))
-    return chi2 if divergence == "chi2" else chi2.sqrt()
+    return (chi2 if divergence == "chi2" else chi2.sqrt()).to(dtype)
+
+
+def _gaussian_parameter(name: str, tensor: object) -> torch.Tensor:
+    tensor = check_float_tensor(name, tensor, "[*, d]")
+    if tensor.dim() < 1:
+        raise ValueError(f"{name} must be a floating-point tensor of shape [*, d] (keep d = 1), got shape ()")
+    return tensor
 
 
 # ------------------------------------------------------------------------------------------------ the cap
@@ -277,8 +295,8 @@ def odds_ratio_cap_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
     tensor([0.1823, 0.0000])
     """
     cap = check_cap("cap", cap)
-    _check_pair(log_probs, ref_log_probs)
-    return F.relu(log_probs - ref_log_probs - math.log(cap))
+    log_p, log_ref, dtype = _sampled_pair(log_probs, ref_log_probs)
+    return F.relu(log_p - log_ref - math.log(cap)).to(dtype)
 
 
 def capped_log_probs(logits: torch.Tensor, ref_log_probs: torch.Tensor, cap: float) -> torch.Tensor:
@@ -311,12 +329,11 @@ def capped_log_probs(logits: torch.Tensor, ref_log_probs: torch.Tensor, cap: flo
     tensor([0.5000, 0.3750, 0.1250], dtype=torch.float64)
     """
     cap = check_cap("cap", cap)
-    _check_action_tensor("logits", logits)
-    log_p = torch.log_softmax(logits, dim=-1)
-    ref = _reference_log_probs(ref_log_probs, log_p)
-    if ref is None:
-        raise ValueError("ref_log_probs must be a tensor of reference log-probabilities, got None")
-    log_cap_q = ref.expand_as(log_p) + math.log(cap)
+    logits = check_action_tensor("logits", logits)
+    ref = check_reference_log_probs("ref_log_probs", ref_log_probs, logits)  # normalized in the input's dtype
+    dtype, compute = logits.dtype, working_dtype(logits.dtype)  # 16-bit floats: sort, sums and t in float32
+    log_p = torch.log_softmax(logits.to(compute), dim=-1)
+    log_cap_q = ref.to(compute).expand_as(log_p) + math.log(cap)
     # Sorting by the log ratio log(c q / p) ascending: the capped set is always a prefix of this order.
     log_ratio = log_cap_q - log_p
     order = torch.argsort(log_ratio.detach(), dim=-1)
@@ -337,7 +354,7 @@ def capped_log_probs(logits: torch.Tensor, ref_log_probs: torch.Tensor, cap: flo
     accept = log_t <= sorted_log_ratio + 1e-12
     first = torch.argmax(accept.to(torch.int8), dim=-1, keepdim=True)  # the last k always accepts
     log_t_star = log_t.gather(-1, first).clamp_min(0.0)  # t >= 1 (rounding)
-    return torch.minimum(log_cap_q, log_t_star + log_p)
+    return torch.minimum(log_cap_q, log_t_star + log_p).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ occupancy
@@ -362,10 +379,15 @@ def discriminator_logistic_loss(policy_logits: torch.Tensor, reference_logits: t
     >>> discriminator_logistic_loss(torch.zeros(3), torch.zeros(2))  # 2 log 2
     tensor(1.3863)
     """
+    policy_logits = check_float_tensor("policy_logits", policy_logits, "[...] (non-empty)")
+    reference_logits = check_float_tensor("reference_logits", reference_logits, "[...] (non-empty)")
     for name, tensor in (("policy_logits", policy_logits), ("reference_logits", reference_logits)):
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty floating-point tensor, got {tensor!r}")
-    return F.softplus(-policy_logits).mean() + F.softplus(reference_logits).mean()
+        if tensor.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty floating-point tensor, got shape {tuple(tensor.shape)}")
+    dtype = torch.promote_types(policy_logits.dtype, reference_logits.dtype)
+    compute = working_dtype(dtype)  # 16-bit floats: the means in float32
+    loss = F.softplus(-policy_logits.to(compute)).mean() + F.softplus(reference_logits.to(compute)).mean()
+    return loss.to(dtype)
 
 
 def occupancy_penalty_rewards(
@@ -423,15 +445,10 @@ def occupancy_penalty_rewards(
     trim_fraction = check_unit_interval("trim_fraction", trim_fraction)
     if trim_fraction >= 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
-    if not isinstance(discriminator_logits, torch.Tensor) or not discriminator_logits.is_floating_point():
-        raise ValueError(
-            f"discriminator_logits must be a floating-point tensor, got {discriminator_logits!r}"
-        )
-    d = discriminator_logits.detach()
-    if mask is not None:
-        check_shape("mask", mask, d.shape, like="discriminator_logits")
-        if is_concrete(mask) and not bool(mask.any()):
-            raise ValueError("mask must select at least one step, got an all-false mask")
+    logits = check_float_tensor("discriminator_logits", discriminator_logits, "[T, N] or [B]")
+    mask = check_mask("mask", mask, logits.shape)
+    dtype = logits.dtype
+    d = logits.detach().to(working_dtype(dtype))  # 16-bit floats: e^d and the trimmed mean in float32
     if divergence == "kl":
         distance = d
     elif divergence == "tv":
@@ -439,7 +456,7 @@ def occupancy_penalty_rewards(
     else:
         distance = torch.expm1(d)
         if divergence == "sqrt_chi2":
-            values = distance[mask.bool()] if mask is not None else distance.reshape(-1)
+            values = distance[mask] if mask is not None else distance.reshape(-1)
             ordered = torch.sort(values).values
             cut = int(trim_fraction * ordered.numel())
             trimmed_mean = ordered[cut : ordered.numel() - cut].mean()
@@ -447,5 +464,5 @@ def occupancy_penalty_rewards(
                 distance = distance / trimmed_mean.sqrt()
     penalty = -coef * distance
     if mask is not None:
-        penalty = torch.where(mask.bool(), penalty, torch.zeros_like(penalty))
-    return penalty
+        penalty = torch.where(mask, penalty, torch.zeros_like(penalty))
+    return penalty.to(dtype)

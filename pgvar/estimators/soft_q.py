@@ -43,17 +43,20 @@ import torch
 
 from pgvar._validation import (
     as_tensor,
+    check_action_tensor,
     check_finite,
     check_float_tensor,
     check_log_normalized,
     check_mask,
     check_nonnegative,
     check_positive,
+    check_reference_log_probs,
     check_shape,
     check_time_major,
     check_unit_interval,
     check_zero_one_flags,
     is_concrete,
+    working_dtype,
 )
 from pgvar.estimators.returns import gae_advantages
 
@@ -67,51 +70,6 @@ __all__ = [
     "soft_q_targets",
     "soft_value",
 ]
-
-
-def _check_action_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (numpy accepted) as a floating-point ``[*, A]`` tensor with ``A >= 1``; values are not checked."""
-    tensor = check_float_tensor(name, tensor, "[*, A] (A actions)", finite=False)
-    if tensor.dim() < 1:
-        raise ValueError(f"{name} must be a floating-point tensor of shape [*, A] (A actions), got shape ()")
-    if tensor.shape[-1] < 1:
-        raise ValueError(
-            f"{name} must have at least one action on its last axis, got shape {tuple(tensor.shape)}"
-        )
-    return tensor
-
-
-def _reference_log_probs(
-    ref_log_probs: torch.Tensor | None, like: torch.Tensor, name: str = "ref_log_probs"
-) -> torch.Tensor | None:
-    """Validate ``ref_log_probs`` as log-probabilities of a distribution over the last axis of ``like``.
-
-    ``None`` (uniform reference) is returned as is. A tensor must broadcast to ``like.shape`` with the same
-    number of actions, be finite (every action has positive reference probability: a zero would make the KL
-    of any softmax policy infinite) and normalized: ``logsumexp`` over actions equal to 0.
-    """
-    if ref_log_probs is None:
-        return None
-    n_actions = like.shape[-1]
-    ref_log_probs = as_tensor(name, ref_log_probs, f" of log-probabilities over the {n_actions} actions, or None")
-    if ref_log_probs.dim() < 1 or ref_log_probs.shape[-1] != n_actions:
-        raise ValueError(
-            f"{name} must have the {n_actions} actions on its last axis (shape [A] or broadcastable to "
-            f"{tuple(like.shape)}), got shape {tuple(ref_log_probs.shape)}"
-        )
-    try:
-        torch.broadcast_shapes(ref_log_probs.shape, like.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} of shape {tuple(ref_log_probs.shape)} does not broadcast to {tuple(like.shape)}"
-        ) from None
-    ref = ref_log_probs.to(like.dtype)
-    if is_concrete(ref) and not bool(torch.isfinite(ref).all()):
-        raise ValueError(
-            f"{name} must be finite: every action needs a reference probability > 0 (a zero makes the "
-            f"KL of a softmax policy infinite), got {ref_log_probs}"
-        )
-    return check_log_normalized(name, ref)
 
 
 def soft_value(q_values: torch.Tensor, tau: float, ref_log_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,8 +95,10 @@ def soft_value(q_values: torch.Tensor, tau: float, ref_log_probs: torch.Tensor |
     tensor([0.6201, 2.0000], dtype=torch.float64)
     """
     tau = float(check_positive("tau", tau))
-    q_values = _check_action_tensor("q_values", q_values)
-    ref = _reference_log_probs(ref_log_probs, q_values)
+    q_values = check_action_tensor("q_values", q_values)
+    ref = (
+        None if ref_log_probs is None else check_reference_log_probs("ref_log_probs", ref_log_probs, q_values)
+    )
     scaled = q_values / tau
     if ref is None:
         return tau * (torch.logsumexp(scaled, dim=-1) - math.log(q_values.shape[-1]))
@@ -171,8 +131,10 @@ def boltzmann_log_probs(
     tensor([0.7680, 0.2320], dtype=torch.float64)
     """
     tau = float(check_positive("tau", tau))
-    q_values = _check_action_tensor("q_values", q_values)
-    ref = _reference_log_probs(ref_log_probs, q_values)
+    q_values = check_action_tensor("q_values", q_values)
+    ref = (
+        None if ref_log_probs is None else check_reference_log_probs("ref_log_probs", ref_log_probs, q_values)
+    )
     logits = q_values / tau if ref is None else q_values / tau + ref
     return torch.log_softmax(logits, dim=-1)
 
@@ -198,13 +160,17 @@ def kl_to_reference(log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None 
     >>> kl_to_reference(torch.tensor([1.0, 0.0], dtype=torch.float64).log())  # log 2
     tensor(0.6931, dtype=torch.float64)
     """
-    log_probs = check_log_normalized("log_probs", _check_action_tensor("log_probs", log_probs))
-    ref = _reference_log_probs(ref_log_probs, log_probs)
-    probs = log_probs.exp()
-    ref_term = -math.log(log_probs.shape[-1]) if ref is None else ref
+    log_probs = check_log_normalized("log_probs", check_action_tensor("log_probs", log_probs))
+    ref = (
+        None if ref_log_probs is None else check_reference_log_probs("ref_log_probs", ref_log_probs, log_probs)
+    )
+    dtype = log_probs.dtype
+    log_p = log_probs.to(working_dtype(dtype))  # 16-bit floats: the terms and their sum in float32
+    probs = log_p.exp()
+    ref_term = -math.log(log_p.shape[-1]) if ref is None else ref.to(log_p.dtype)
     # xlogy-style: 0 * (-inf) terms are 0.
-    log_ratio = torch.where(probs > 0, log_probs - ref_term, torch.zeros_like(log_probs))
-    return (probs * log_ratio).sum(dim=-1)
+    log_ratio = torch.where(probs > 0, log_p - ref_term, torch.zeros_like(log_p))
+    return (probs * log_ratio).sum(dim=-1).to(dtype)
 
 
 def kl_regularized_n_step_advantages(
@@ -448,7 +414,7 @@ def entropy_regularized_pg_loss(
     [4.6408, 0.5754, 0.1308, 2.0]
     """
     tau = float(check_positive("tau", tau))
-    log_probs = _check_action_tensor("log_probs", log_probs)
+    log_probs = check_action_tensor("log_probs", log_probs)
     lead, n_actions = log_probs.shape[:-1], log_probs.shape[-1]
     values = check_shape("values", values, lead, like="log_probs without the action axis")
     mask = check_mask("mask", mask, lead)
@@ -513,7 +479,7 @@ def soft_q_loss(
     >>> soft_q_loss(q, torch.tensor([1]), torch.tensor([2.0]))
     tensor(0.5000, grad_fn=<MeanBackward0>)
     """
-    q_values = _check_action_tensor("q_values", q_values)
+    q_values = check_action_tensor("q_values", q_values)
     lead, n_actions = q_values.shape[:-1], q_values.shape[-1]
     mask = check_mask("mask", mask, lead)
     targets = as_tensor("targets", targets).detach().to(q_values.dtype)

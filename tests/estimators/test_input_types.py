@@ -44,6 +44,9 @@ def _cases() -> dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, A
     kls = torch.rand(6, 3, generator=g, dtype=F64)
     gae_kw = dict(gamma=0.9, gae_lambda=0.8)
     steps = torch.arange(6).unsqueeze(1).expand(6, 3)
+    ref_pi = torch.log_softmax(torch.randn(4, 3, generator=g, dtype=F64), -1)
+    sampled, ref_sampled = log_pi[:, 0], ref_pi[:, 0]  # log-probabilities of one sampled action per state
+    logits_pi, logits_ref = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
     return {
         "discounted_returns": (
             E.discounted_returns, (r["rewards"], r["terminated"], r["truncated"], r["next_values"]), dict(gamma=0.9)
@@ -99,6 +102,20 @@ def _cases() -> dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, A
             E.factorized_action_baseline, (-acts.abs(), adv, bar.unsqueeze(-1).expand(8, 2)), {}
         ),
         "other_action_dimensions": (E.other_action_dimensions, (acts,), {}),
+        "kl_sample_estimate": (E.kl_sample_estimate, (sampled, ref_sampled), dict(estimator="k3")),
+        "chi2_sample_estimate": (E.chi2_sample_estimate, (sampled, ref_sampled), {}),
+        "odds_ratio_cap_penalty": (E.odds_ratio_cap_penalty, (sampled, ref_sampled), dict(cap=1.2)),
+        "categorical_divergence": (E.categorical_divergence, (log_pi, ref_pi[0]), dict(divergence="chi2")),
+        "diagonal_gaussian_divergence": (
+            E.diagonal_gaussian_divergence, (means, 0.2 * bar[:2], acts, 0.2 * adv[:2]), dict(divergence="kl")
+        ),
+        "capped_log_probs": (E.capped_log_probs, (q, ref_pi[0]), dict(cap=1.5)),
+        "discriminator_logistic_loss": (E.discriminator_logistic_loss, (logits_pi, logits_ref), {}),
+        "occupancy_penalty_rewards": (
+            E.occupancy_penalty_rewards,
+            (0.3 * logits_pi, "sqrt_chi2", 0.5),
+            dict(mask=torch.arange(18).reshape(6, 3) % 4 != 0),
+        ),
         # integer / boolean inputs only: covered by the numpy test, not the 16-bit one
         "time_to_go_factor": (E.time_to_go_factor, (steps,), dict(horizon=8, gamma=0.9)),
         "horizon_episode_flags": (E.horizon_episode_flags, (r["terminated"], r["truncated"], steps), dict(horizon=8)),
