@@ -51,7 +51,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _count(name: str, value: Any) -> None:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and int(value) >= 1):
+    if not (
+        isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and int(value) >= 1
+    ):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -66,7 +68,9 @@ def _positive_or_schedule(name: str, value: Any) -> None:
 
 def _max_grad_norm(name: str, value: Any) -> None:
     if not (_is_number(value) and value > 0):  # also rejects NaN; inf turns clipping off
-        raise ValueError(f"{name} must be a number > 0 (float('inf') turns gradient clipping off), got {value!r}")
+        raise ValueError(
+            f"{name} must be a number > 0 (float('inf') turns gradient clipping off), got {value!r}"
+        )
 
 
 def _positive_or_none(name: str, value: Any) -> None:
@@ -177,9 +181,11 @@ class _FiniteObservations(StepHook):
         self.n_rollout_steps = n_rollout_steps
 
     def before_step(self, step_locals: dict[str, Any]) -> None:
-        step, dones, infos = step_locals["n_steps"], step_locals["dones"], step_locals["infos"]
+        dones, infos = step_locals["dones"], step_locals["infos"]
         n_envs = len(dones)
-        at = f"at step {step} of the rollout (0-based; n_steps={self.n_rollout_steps}, n_envs={n_envs})"
+
+        def at() -> str:  # built only for an error: this runs at every environment step
+            return f"at step {step_locals['n_steps']} of the rollout (0-based; n_steps={self.n_rollout_steps}, n_envs={n_envs})"
 
         def describe(env_index: int, where: str, value: float) -> str:
             after_reset = (
@@ -189,15 +195,16 @@ class _FiniteObservations(StepHook):
                 else ""
             )
             return (
-                f"env {env_index} returned a non-finite observation ({value} at {where}) {at}; observations must "
+                f"env {env_index} returned a non-finite observation ({value} at {where}) {at()}; observations must "
                 f"be finite.{after_reset}"
             )
 
         check_observations_finite(step_locals["new_obs"], describe)
-        for env_index in (int(i) for i in np.flatnonzero(dones)):
-            final = infos[env_index].get("terminal_observation")
-            if final is not None:
-                check_observations_finite(_one_env_batch(final), _describe_final(env_index, at))
+        if dones.any():
+            for env_index in (int(i) for i in np.flatnonzero(dones)):
+                final = infos[env_index].get("terminal_observation")
+                if final is not None:
+                    check_observations_finite(_one_env_batch(final), _describe_final(env_index, at()))
 
 
 def _one_env_batch(observation: Any) -> Any:
@@ -234,7 +241,9 @@ class RolloutChecksMixin(_Base):
     ) -> tuple[int, BaseCallback]:
         check_total_timesteps(total_timesteps)
         resets = reset_num_timesteps or self._last_obs is None
-        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        result = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
         if resets:
             check_observations_finite(
                 self._last_obs,

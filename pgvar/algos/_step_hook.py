@@ -10,6 +10,7 @@ Q-Prop's replay feed (:mod:`pgvar.algos._replay_feed`).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
@@ -27,9 +28,9 @@ class StepHook(BaseCallback):
         super().__init__()
         self.callback = callback
 
+    @abstractmethod
     def before_step(self, step_locals: dict[str, Any]) -> None:
         """Called with the locals of ``collect_rollouts`` right after each ``env.step``, before ``callback.on_step``."""
-        raise NotImplementedError
 
     def on_rollout_start(self) -> None:
         self.callback.on_rollout_start()
