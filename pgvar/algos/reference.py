@@ -181,13 +181,13 @@ class _AddGradient(th.autograd.Function):
     gradient reaches ``x``: the gradient of ``loss + scale * term.sum()`` without changing SB3's loss value."""
 
     @staticmethod
-    def forward(ctx: Any, x: th.Tensor, term: th.Tensor, scale: float) -> th.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: th.Tensor, term: th.Tensor, scale: float) -> th.Tensor:
         ctx.scale = scale
         ctx.term_shape = term.shape
         return x.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:
         return grad, grad.new_full(ctx.term_shape, ctx.scale), None
 
 
@@ -216,12 +216,13 @@ class ReferenceRegularizer:
         placement: str,
         cap: float,
     ) -> None:
-        self.reference = reference
+        self.reference: Any = reference  # an SB3 policy with get_distribution (ActorCriticPolicy and kin)
         self.regularizer, self.estimator, self.placement = regularizer, estimator, placement
         self.coef, self.adaptive_target, self.horizon, self.cap = float(coef), adaptive_target, float(horizon), cap
         #: ``{"kl": ..., regularizer: ...}``: means over the last rollout (reward) or over the last train() (loss)
         self.stats: dict[str, float] = {}
         self._loss_values: list[th.Tensor] = []
+        self._last_actions = th.empty(0)
 
     def _ref_log_prob(self, observations: Any, actions: th.Tensor) -> th.Tensor:
         with th.no_grad():
@@ -242,7 +243,7 @@ class ReferenceRegularizer:
         return None if self.coef == 0.0 else self.coef * penalty
 
     # -------------------------------------------------------------------------------------------- loss
-    def loss_term(self, policy: BasePolicy, observations: Any, log_prob: th.Tensor) -> th.Tensor:
+    def loss_term(self, policy: Any, observations: Any, log_prob: th.Tensor) -> th.Tensor:
         """``log_prob`` unchanged, carrying the gradient of ``coef * mean_B D(s)`` (see :class:`_AddGradient`)."""
         if self.estimator == "k3":
             ref_log_probs = self._ref_log_prob(observations, self._last_actions)
@@ -254,11 +255,12 @@ class ReferenceRegularizer:
         self._loss_values.append(term.detach().mean())
         if self.coef == 0.0:
             return log_prob
-        return _AddGradient.apply(log_prob, term, self.coef / term.numel())
+        carried: th.Tensor = _AddGradient.apply(log_prob, term, self.coef / term.numel())
+        return carried
 
-    def wrap_evaluate_actions(self, policy: BasePolicy) -> Any:
+    def wrap_evaluate_actions(self, policy: Any) -> Any:
         """A replacement for ``policy.evaluate_actions`` whose log-probabilities carry the loss term."""
-        original = policy.evaluate_actions  # type: ignore[attr-defined]
+        original = policy.evaluate_actions
 
         def evaluate_actions(observations: Any, actions: th.Tensor) -> Any:
             values, log_prob, entropy = original(observations, actions)
