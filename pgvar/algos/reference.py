@@ -48,6 +48,7 @@ __all__ = [
     "REF_ESTIMATORS",
     "REF_PLACEMENTS",
     "REF_REGULARIZERS",
+    "ReferenceOptionsMixin",
     "ReferenceRegularizer",
     "check_reference_options",
     "exact_policy_divergence",
