@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
 
 from pgvar import A2C, PPO, TRPO
 from pgvar.algos.reference import ADAPTIVE_INITIAL_COEF, ReferenceRegularizer, exact_policy_divergence
@@ -63,22 +64,21 @@ class RolloutCapture(BaseCallback):
 
 # ------------------------------------------------------------------------------------------ reward placement
 def test_k1_reward_penalty_is_the_formula():
-    """advantages = r - coef * (log pi(a) - log pi_ref(a)) on one-step episodes (baseline='none')."""
-    coef = 0.7
+    """advantages = r - coef * (log pi(a) - log pi_ref(a)) on one-step episodes (baseline='none'), 2 envs."""
+    coef, n_steps, n_envs = 0.7, 32, 2
     reference = A2C("MlpPolicy", bandit(), seed=1).policy
-    model = A2C(
-        "MlpPolicy", bandit(), n_steps=64, seed=0, baseline="none", ref_policy=reference, ref_coef=coef
-    )
+    env = make_vec_env(bandit, n_envs=n_envs, seed=0)
+    model = A2C("MlpPolicy", env, n_steps=n_steps, seed=0, baseline="none", ref_policy=reference, ref_coef=coef)
     capture = RolloutCapture()
-    model.learn(64, callback=capture)
+    model.learn(n_steps * n_envs, callback=capture)
     rollout = capture.rollouts[0]
-    obs, _ = reference.obs_to_tensor(np.zeros(64, dtype=np.int64))
+    obs, _ = reference.obs_to_tensor(np.zeros(n_steps * n_envs, dtype=np.int64))
     with th.no_grad():
-        ref_log_probs = reference.get_distribution(obs).log_prob(th.as_tensor(rollout["actions"][:, 0]).long().flatten())
-    expected = rollout["rewards"][:, 0] - coef * (rollout["log_probs"][:, 0] - ref_log_probs.numpy())
-    np.testing.assert_allclose(rollout["advantages"][:, 0], expected, rtol=1e-5, atol=1e-6)
+        ref_log_probs = reference.get_distribution(obs).log_prob(th.as_tensor(rollout["actions"]).long().flatten())
+    k1 = rollout["log_probs"] - ref_log_probs.numpy().reshape(n_steps, n_envs)
+    np.testing.assert_allclose(rollout["advantages"], rollout["rewards"] - coef * k1, rtol=1e-5, atol=1e-6)
     assert model.logger.name_to_value["pgvar/ref_coef"] == coef
-    assert "pgvar/ref_kl" in model.logger.name_to_value
+    assert model.logger.name_to_value["pgvar/ref_kl"] == pytest.approx(float(k1.mean()), abs=1e-6)
 
 
 def test_k1_reward_policy_gradient_is_unbiased_for_the_kl_regularized_objective():
