@@ -184,12 +184,12 @@ class _AddGradient(th.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: th.Tensor, term: th.Tensor, scale: float) -> th.Tensor:
         ctx.scale = scale
-        ctx.term_shape = term.shape
+        ctx.term_shape, ctx.term_dtype = term.shape, term.dtype
         return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:
-        return grad, grad.new_full(ctx.term_shape, ctx.scale), None
+        return grad, th.full(ctx.term_shape, ctx.scale, dtype=ctx.term_dtype, device=grad.device), None
 
 
 class ReferenceRegularizer:
