@@ -18,6 +18,10 @@ and passes the returned flag on as SB3's ``normalize_advantage``::
             )
             super().__init__(policy, env, ..., normalize_advantage=minibatch, ...)
 
+The ``ref_*`` options (regularization toward a frozen reference policy) come from
+:class:`~pgvar.algos.reference.ReferenceOptionsMixin`: ``_init_reference_options`` in ``__init__``, the reference
+built at the end of ``_setup_model`` and ``train()`` run through ``_train_with_reference``.
+
 The mixin also brings :class:`~pgvar.algos._checks.RolloutChecksMixin`: ``learn(total_timesteps)`` is checked and
 every observation the environments return must be finite.
 """
@@ -46,6 +50,7 @@ from pgvar.algos.buffers import (
     EstimatorDictRolloutBuffer,
     EstimatorRolloutBuffer,
 )
+from pgvar.algos.reference import ReferenceOptionsMixin
 from pgvar.estimators import NORMALIZATION_MODES
 from pgvar.measure import per_sample_grad_sq_norms
 
@@ -67,7 +72,7 @@ def advantage_normalization_mode(normalize_advantage: bool | str) -> str:
     return "minibatch" if normalize_advantage else "none"
 
 
-class OnPolicyEstimatorMixin(RolloutChecksMixin):
+class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
     """Adds ``baseline`` and the ``normalize_advantage`` modes to an SB3 on-policy algorithm (see module doc).
 
     Attributes set here (saved with the model): ``baseline`` (``"value"``, ``"none"``, ``"mean"`` or
@@ -148,6 +153,7 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin):
             assert isinstance(self.rollout_buffer, EstimatorBufferMixin)
             self.rollout_buffer.score_sq_norms_fn = self._score_sq_norms
             self._check_score_sq_norms_supported()
+        self._setup_reference()
 
     def _estimator_buffer_class(self) -> type[RolloutBuffer] | None:
         """The estimator buffer to build, or ``None`` to keep a user's own buffer class unchanged.
@@ -229,7 +235,7 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin):
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
-        super().train()
+        self._train_with_reference(super().train)
         constant_baseline = getattr(self.rollout_buffer, "constant_baseline", None)
         if constant_baseline is not None:
             self.logger.record("pgvar/constant_baseline", constant_baseline)

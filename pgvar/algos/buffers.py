@@ -53,6 +53,9 @@ BASELINES = ("value", "none", "mean", "optimal")
 #: ``score_sq_norms_fn(observations, actions) -> [T, N]``: per-sample ``||grad_theta log pi(a_t|s_t)||^2`` for the
 #: buffer's ``[T, N, ...]`` observations (an array, or a dict of arrays) and actions.
 ScoreSqNormsFn = Callable[[Any, np.ndarray], th.Tensor]
+#: ``reward_penalty_fn(observations, actions, log_probs) -> [T, N] or None``: a per-step penalty subtracted from the
+#: rewards before the estimators run.
+RewardPenaltyFn = Callable[[Any, np.ndarray, np.ndarray], "th.Tensor | None"]
 
 
 class EstimatorBufferMixin:
@@ -64,6 +67,8 @@ class EstimatorBufferMixin:
     :param normalize_batch: standardize the advantages over the whole rollout, once
     :param score_sq_norms_fn: needed by ``baseline="optimal"``: per-sample squared score norms (see
         :data:`ScoreSqNormsFn`); the algorithm sets it once its policy exists
+    :param reward_penalty_fn: ``(observations, actions, log_probs) -> [T, N] tensor or None``, subtracted from the
+        rewards before GAE (the reference-policy penalty of :mod:`pgvar.algos.reference`; ``None``: no penalty)
     """
 
     # Set by SB3's buffers.
@@ -78,6 +83,7 @@ class EstimatorBufferMixin:
     episode_starts: np.ndarray
     advantages: np.ndarray
     returns: np.ndarray
+    log_probs: np.ndarray
 
     def __init__(
         self,
@@ -85,11 +91,13 @@ class EstimatorBufferMixin:
         baseline: str = "value",
         normalize_batch: bool = False,
         score_sq_norms_fn: ScoreSqNormsFn | None = None,
+        reward_penalty_fn: RewardPenaltyFn | None = None,
         **kwargs: Any,
     ) -> None:
         self.baseline = check_choice("baseline", baseline, BASELINES)
         self.normalize_batch = bool(normalize_batch)
         self.score_sq_norms_fn = score_sq_norms_fn
+        self.reward_penalty_fn = reward_penalty_fn
         #: The constant baseline ``b`` of the last rollout (``None`` with ``baseline="value"``).
         self.constant_baseline: float | None = None
         super().__init__(*args, **kwargs)
@@ -102,6 +110,11 @@ class EstimatorBufferMixin:
         """
         check_rewards_finite(self.rewards)
         rewards = th.from_numpy(self.rewards)
+        penalty = None if self.reward_penalty_fn is None else self.reward_penalty_fn(
+            self.observations, self.actions, self.log_probs
+        )
+        if penalty is not None:  # the stored rewards stay the environment's
+            rewards = rewards - penalty.to(rewards.dtype)
         values = th.from_numpy(self.values)
         last_values = last_values.detach().to(device="cpu", dtype=values.dtype).reshape(1, self.n_envs)
         next_values = th.cat((values[1:], last_values))

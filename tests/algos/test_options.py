@@ -29,8 +29,12 @@ def test_every_sb3_argument_keeps_its_name_position_and_default(pgvar_class, sb3
         assert ours[name].default == parameter.default, name
         assert ours[name].kind == parameter.kind, name
     new = {name: p for name, p in ours.items() if name not in theirs}
-    assert set(new) == {"baseline"}
+    reference = {"ref_policy", "ref_regularizer", "ref_coef", "ref_target", "ref_estimator", "ref_placement",
+                 "ref_cap", "ref_horizon"}
+    assert set(new) == {"baseline", *reference}
     assert new["baseline"].default == "value" and new["baseline"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert new["ref_policy"].default is None  # the reference regularizer is off by default
+    assert all(new[name].kind is inspect.Parameter.KEYWORD_ONLY for name in reference)
 
 
 @pytest.mark.parametrize(

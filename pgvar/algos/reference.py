@@ -1,0 +1,447 @@
+r"""Regularizing an on-policy algorithm toward a frozen reference policy :math:`\pi_{\text{ref}}`.
+
+:class:`ReferenceRegularizer` is the object a PPO / A2C / TRPO model holds when it is built with ``ref_policy``
+(:class:`ReferenceMixin` adds the constructor options, the hooks and save/load). Two placements:
+
+- ``ref_placement="reward"`` (default): before GAE the buffer subtracts :math:`\lambda\, k(s_t, a_t)` from each
+  reward, a per-step penalty at the *sampled* action, treated as a constant (reward shaping). With the KL and the
+  k1 estimator :math:`k_1 = \log\pi(a_t|s_t) - \log\pi_{\text{ref}}(a_t|s_t)`, the policy gradient is exactly the
+  gradient of the KL-regularized return :math:`\mathbb{E}\sum_t \gamma^t(r_t - \lambda\,\mathrm{KL}_t)`
+  (``docs/guide/regularization.md``); k2 / k3 are refused there, since they are not.
+- ``ref_placement="loss"``: :math:`\lambda\,\overline{D}` (the minibatch mean of a per-state divergence) is added to
+  the policy loss of SB3's ``train()``. ``ref_estimator="exact"`` uses the closed form for Categorical and diagonal
+  Gaussian policies (:func:`~pgvar.estimators.categorical_divergence`,
+  :func:`~pgvar.estimators.diagonal_gaussian_divergence`); ``"k3"`` (KL only) uses k3 at the stored actions, as
+  GRPO does, whose gradient at :math:`\pi = \pi_{\text{old}}` is :math:`\nabla\mathrm{KL}(\pi_{\text{ref}}\|\pi)`
+  (the reverse KL): :math:`\nabla k_3 = (1 - \pi_{\text{ref}}/\pi)\nabla\log\pi`.
+
+Adaptive coefficient (``ref_coef="adaptive"``, Ziegler et al. 2019, arXiv:1909.08593, Sec. 2.2): after each
+rollout of :math:`n` transitions (``n_steps * n_envs``) with mean divergence :math:`\hat D`,
+
+.. math::  \lambda \leftarrow \lambda\,\Big(1 + \operatorname{clip}\big(\hat D / D_{\text{target}} - 1,
+           -0.2, 0.2\big)\, \frac{n}{H}\Big), \qquad \lambda_0 = 0.2,\ H = \texttt{ref\_horizon} .
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
+from stable_baselines3.common.policies import BasePolicy
+
+from pgvar._sb3_policy import flatten_time_major, policy_log_prob
+from pgvar._validation import check_cap, check_choice, check_nonnegative, check_positive
+from pgvar.estimators import (
+    categorical_divergence,
+    chi2_sample_estimate,
+    diagonal_gaussian_divergence,
+    kl_sample_estimate,
+    odds_ratio_cap_penalty,
+)
+
+__all__ = [
+    "ADAPTIVE_INITIAL_COEF",
+    "REF_ESTIMATORS",
+    "REF_PLACEMENTS",
+    "REF_REGULARIZERS",
+    "ReferenceOptionsMixin",
+    "ReferenceRegularizer",
+    "check_reference_options",
+    "exact_policy_divergence",
+    "load_reference_policy",
+]
+
+#: The regularizers: KL, chi-squared, its square root, and the hinge on the log odds ratio above ``log ref_cap``.
+REF_REGULARIZERS = ("kl", "chi2", "sqrt_chi2", "odds_ratio_cap")
+#: Where the regularizer enters: the rewards before GAE, or the policy loss.
+REF_PLACEMENTS = ("reward", "loss")
+#: ``"k1"``: the per-step penalty at the sampled action (the only choice in the reward); ``"k3"``: Schulman's k3 at
+#: the stored actions (loss, KL only); ``"exact"``: the closed-form divergence per state (loss).
+REF_ESTIMATORS = ("k1", "k3", "exact")
+#: The adaptive coefficient's starting value (``init_kl_coef`` of the RLHF KL controller).
+ADAPTIVE_INITIAL_COEF = 0.2
+_ADAPTIVE_CLIP = 0.2
+
+
+def check_reference_options(
+    *,
+    regularizer: str,
+    coef: float | str,
+    target: float | None,
+    horizon: float,
+    estimator: str | None,
+    placement: str,
+    cap: float,
+) -> str:
+    """Validate the ``ref_*`` options (``ValueError`` naming the argument) and return the resolved estimator
+    (``None``: ``"k1"`` in the reward, ``"exact"`` in the loss)."""
+    check_choice("ref_regularizer", regularizer, REF_REGULARIZERS)
+    check_choice("ref_placement", placement, REF_PLACEMENTS)
+    if isinstance(coef, str):
+        check_choice("ref_coef", coef, ("adaptive",))
+        if target is None:
+            raise ValueError("ref_coef='adaptive' needs ref_target, the divergence to hold (a number > 0); got None")
+        check_positive("ref_target", target)
+    else:
+        check_nonnegative("ref_coef", coef)
+        if target is not None:
+            raise ValueError(f"ref_target={target!r} is only used with ref_coef='adaptive', got ref_coef={coef!r}")
+    check_positive("ref_horizon", horizon)
+    check_cap("ref_cap", cap)
+    resolved = ("k1" if placement == "reward" else "exact") if estimator is None else estimator
+    check_choice("ref_estimator", resolved, REF_ESTIMATORS)
+    if placement == "reward":
+        if resolved != "k1":
+            raise ValueError(
+                f"ref_estimator={resolved!r} with ref_placement='reward': only 'k1' (the penalty at the sampled "
+                "action) gives the gradient of the regularized return when added to the reward; k3 does not "
+                "(docs/guide/regularization.md) and 'exact' needs ref_placement='loss'"
+            )
+        if regularizer == "sqrt_chi2":
+            raise ValueError(
+                "ref_regularizer='sqrt_chi2' has no unbiased per-step estimate for ref_placement='reward'; use "
+                "ref_placement='loss' (exact for Categorical and diagonal Gaussian policies)"
+            )
+    elif resolved == "k1":
+        raise ValueError(
+            "ref_estimator='k1' with ref_placement='loss': the gradient of k1 at the stored actions is zero in "
+            "expectation at pi = pi_old; allowed in the loss: 'exact' (closed form) or 'k3' (KL only)"
+        )
+    elif resolved == "k3" and regularizer != "kl":
+        raise ValueError(f"ref_estimator='k3' estimates the KL only, got ref_regularizer={regularizer!r}")
+    return resolved
+
+
+def load_reference_policy(source: Any, device: th.device | str) -> BasePolicy:
+    """A frozen copy of ``source``: an SB3 policy object, or the path of a saved model (its ``policy``)."""
+    if isinstance(source, BasePolicy):
+        reference = copy.deepcopy(source)
+    elif isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        from stable_baselines3.common.save_util import load_from_zip_file
+
+        data, params, _ = load_from_zip_file(source, device=device)
+        if data is None or params is None or "policy" not in params:
+            raise ValueError(f"ref_policy={source!r} is not a saved model with a policy")
+        reference = data["policy_class"](
+            data["observation_space"], data["action_space"], lambda _: 0.0, **data.get("policy_kwargs", {})
+        )
+        reference.load_state_dict(params["policy"])
+    else:
+        raise ValueError(
+            f"ref_policy must be None, 'initial', the path of a saved model or an SB3 policy, got {type(source).__name__}"
+        )
+    reference = reference.to(device)
+    reference.set_training_mode(False)
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    return reference
+
+
+def exact_policy_divergence(distribution: Any, ref_distribution: Any, regularizer: str, cap: float) -> th.Tensor:
+    """Per-state exact divergence ``[B]`` between two SB3 distributions (Categorical or diagonal Gaussian).
+
+    ``sqrt_chi2`` is :math:`\\sqrt{\\max(\\chi^2, 10^{-12})}`, so that its gradient is finite where the policy equals
+    the reference. ``odds_ratio_cap`` is :math:`\\sum_a \\pi_a (\\log\\frac{\\pi_a}{c\\,\\pi_{\\text{ref},a}})_+`
+    (Categorical only).
+    """
+    divergence = "chi2" if regularizer == "sqrt_chi2" else regularizer
+    if type(distribution) is CategoricalDistribution:
+        log_p = distribution.distribution.logits
+        log_q = ref_distribution.distribution.logits.to(log_p.dtype)
+        if regularizer == "odds_ratio_cap":
+            value = (log_p.exp() * (log_p - log_q - math.log(cap)).clamp_min(0.0)).sum(-1)
+        else:
+            value = categorical_divergence(log_p, log_q, divergence)
+    elif type(distribution) is DiagGaussianDistribution and regularizer != "odds_ratio_cap":
+        mean, std = distribution.distribution.mean, distribution.distribution.stddev
+        ref_mean, ref_std = ref_distribution.distribution.mean, ref_distribution.distribution.stddev
+        value = diagonal_gaussian_divergence(mean, std.log(), ref_mean, ref_std.log(), divergence)
+    else:
+        raise ValueError(
+            f"no exact {regularizer!r} for {type(distribution).__name__} (exact: Categorical, and DiagGaussian "
+            "except odds_ratio_cap); use ref_placement='reward'"
+        )
+    return value.clamp_min(1e-12).sqrt() if regularizer == "sqrt_chi2" else value
+
+
+def _sample_penalty(log_probs: th.Tensor, ref_log_probs: th.Tensor, regularizer: str, cap: float) -> th.Tensor:
+    """The per-step penalty at the sampled action (``ref_estimator="k1"``)."""
+    if regularizer == "kl":
+        return kl_sample_estimate(log_probs, ref_log_probs, "k1")
+    if regularizer == "chi2":
+        return chi2_sample_estimate(log_probs, ref_log_probs)
+    return odds_ratio_cap_penalty(log_probs, ref_log_probs, cap)
+
+
+class _AddGradient(th.autograd.Function):
+    """``x + 0`` in the forward pass; in the backward pass ``scale * d(sum term)/d(inputs)`` is added, whatever
+    gradient reaches ``x``: the gradient of ``loss + scale * term.sum()`` without changing SB3's loss value."""
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, term: th.Tensor, scale: float) -> th.Tensor:
+        ctx.scale = scale
+        ctx.term_shape, ctx.term_dtype = term.shape, term.dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:
+        return grad, th.full(ctx.term_shape, ctx.scale, dtype=ctx.term_dtype, device=grad.device), None
+
+
+class ReferenceRegularizer:
+    """The frozen reference policy and the regularizer's state (coefficient, last statistics).
+
+    :param reference: the frozen reference policy (:func:`load_reference_policy`)
+    :param regularizer: one of :data:`REF_REGULARIZERS`
+    :param coef: the current coefficient :math:`\\lambda \\ge 0`
+    :param adaptive_target: the target divergence of the adaptive coefficient, or ``None`` (fixed coefficient)
+    :param horizon: the adaptive controller's horizon :math:`H` (transitions)
+    :param estimator: ``"k1"``, ``"k3"`` or ``"exact"`` (checked by :func:`check_reference_options`)
+    :param placement: ``"reward"`` or ``"loss"``
+    :param cap: the odds-ratio cap :math:`c \\ge 1`
+    """
+
+    def __init__(
+        self,
+        reference: BasePolicy,
+        *,
+        regularizer: str,
+        coef: float,
+        adaptive_target: float | None,
+        horizon: float,
+        estimator: str,
+        placement: str,
+        cap: float,
+    ) -> None:
+        self.reference: Any = reference  # an SB3 policy with get_distribution (ActorCriticPolicy and kin)
+        self.regularizer, self.estimator, self.placement = regularizer, estimator, placement
+        self.coef, self.adaptive_target, self.horizon, self.cap = float(coef), adaptive_target, float(horizon), cap
+        #: ``{"kl": ..., regularizer: ...}``: means over the last rollout (reward) or over the last train() (loss)
+        self.stats: dict[str, float] = {}
+        self._loss_values: list[th.Tensor] = []
+        self._last_actions = th.empty(0)
+
+    def _ref_log_prob(self, observations: Any, actions: th.Tensor) -> th.Tensor:
+        with th.no_grad():
+            return policy_log_prob(self.reference, observations, actions)
+
+    # ------------------------------------------------------------------------------------------ reward
+    def reward_penalty(self, observations: Any, actions: np.ndarray, log_probs: np.ndarray) -> th.Tensor | None:
+        """``coef * k(s_t, a_t)``, ``[T, N]`` float64, to subtract from the rewards (``None`` when ``coef == 0``:
+        the rewards stay bit for bit); records the rollout's mean penalty and KL estimate in :attr:`stats`."""
+        steps, n_envs = actions.shape[:2]
+        device = self.reference.device
+        obs = flatten_time_major(observations, device)
+        ref_log_probs = self._ref_log_prob(obs, flatten_time_major(actions, device).float()).double().cpu()
+        log_probs_t = th.from_numpy(np.asarray(log_probs)).double().reshape(-1)
+        penalty = _sample_penalty(log_probs_t, ref_log_probs, self.regularizer, self.cap).reshape(steps, n_envs)
+        self.stats = {"kl": float(kl_sample_estimate(log_probs_t, ref_log_probs, "k1").mean())}
+        self.stats[self.regularizer] = float(penalty.mean())
+        return None if self.coef == 0.0 else self.coef * penalty
+
+    # -------------------------------------------------------------------------------------------- loss
+    def loss_term(self, policy: Any, observations: Any, log_prob: th.Tensor) -> th.Tensor:
+        """``log_prob`` unchanged, carrying the gradient of ``coef * mean_B D(s)`` (see :class:`_AddGradient`)."""
+        if self.estimator == "k3":
+            ref_log_probs = self._ref_log_prob(observations, self._last_actions)
+            term = kl_sample_estimate(log_prob, ref_log_probs.to(log_prob.dtype), "k3")
+        else:
+            with th.no_grad():
+                ref_distribution = self.reference.get_distribution(observations)
+            term = exact_policy_divergence(policy.get_distribution(observations), ref_distribution, self.regularizer, self.cap)
+        self._loss_values.append(term.detach().mean())
+        if self.coef == 0.0:
+            return log_prob
+        carried: th.Tensor = _AddGradient.apply(log_prob, term, self.coef / term.numel())
+        return carried
+
+    def wrap_evaluate_actions(self, policy: Any) -> Any:
+        """A replacement for ``policy.evaluate_actions`` whose log-probabilities carry the loss term."""
+        original = policy.evaluate_actions
+
+        def evaluate_actions(observations: Any, actions: th.Tensor) -> Any:
+            values, log_prob, entropy = original(observations, actions)
+            self._last_actions = actions
+            return values, self.loss_term(policy, observations, log_prob), entropy
+
+        return evaluate_actions
+
+    def finish_loss_stats(self) -> None:
+        """Move the mean loss-term value of the last ``train()`` into :attr:`stats`."""
+        if self._loss_values:
+            value = float(th.stack(self._loss_values).mean())
+            self.stats = {self.regularizer: value}
+            if self.regularizer == "kl":
+                self.stats["kl"] = value
+        self._loss_values = []
+
+    # ---------------------------------------------------------------------------------------- adaptive
+    def update_coef(self, n_transitions: int) -> None:
+        """The adaptive controller's step (module doc); nothing for a fixed coefficient."""
+        if self.adaptive_target is None or self.regularizer not in self.stats:
+            return
+        error = float(np.clip(self.stats[self.regularizer] / self.adaptive_target - 1.0, -_ADAPTIVE_CLIP, _ADAPTIVE_CLIP))
+        self.coef *= 1.0 + error * n_transitions / self.horizon
+
+
+# --------------------------------------------------------------------------------------------- the mixin
+class ReferenceOptionsMixin:
+    """The ``ref_*`` constructor options, their hooks and save/load, for :class:`~pgvar.algos._mixin.OnPolicyEstimatorMixin`.
+
+    Saved with the model: the options, the current coefficient ``ref_coef_value``, the reference's class and
+    constructor arguments (``ref_policy_class``, ``ref_policy_kwargs``) and, as a torch state dict entry of the zip,
+    its parameters (``reference_regularizer.reference``). ``ref_policy`` is saved as a description (``"initial"``,
+    the path, or ``"policy"``); the reference itself is rebuilt from the saved entries on load.
+    """
+
+    #: whether ``train()`` computes the policy loss through ``policy.evaluate_actions`` (TRPO's does not)
+    _ref_loss_supported = True
+
+    ref_policy: str | None
+    ref_regularizer: str
+    ref_coef: float | str
+    ref_target: float | None
+    ref_horizon: float
+    ref_estimator: str | None
+    ref_placement: str
+    ref_cap: float
+    ref_coef_value: float | None
+    ref_policy_class: type | None
+    ref_policy_kwargs: dict[str, Any] | None
+
+    def _init_reference_options(  # noqa: PLR0913
+        self,
+        *,
+        ref_policy: Any,
+        ref_regularizer: str,
+        ref_coef: float | str,
+        ref_target: float | None,
+        ref_estimator: str | None,
+        ref_placement: str,
+        ref_cap: float,
+        ref_horizon: float,
+    ) -> None:
+        """Validate and store the options (``ValueError`` naming the argument); the reference is built in setup."""
+        self.ref_regularizer, self.ref_coef, self.ref_target = ref_regularizer, ref_coef, ref_target
+        self.ref_estimator, self.ref_placement, self.ref_cap = ref_estimator, ref_placement, ref_cap
+        self.ref_horizon = ref_horizon
+        self._check_reference_options()
+        if isinstance(ref_policy, str) and ref_policy == "initial":
+            self.ref_policy = "initial"
+        elif ref_policy is None or isinstance(ref_policy, BasePolicy):
+            self.ref_policy = None if ref_policy is None else "policy"
+        elif isinstance(ref_policy, str) or hasattr(ref_policy, "__fspath__"):
+            self.ref_policy = str(ref_policy)
+        else:
+            raise ValueError(
+                "ref_policy must be None, 'initial', the path of a saved model or an SB3 policy, got "
+                f"{type(ref_policy).__name__}"
+            )
+        self._ref_policy_source = ref_policy
+        self.ref_coef_value, self.ref_policy_class, self.ref_policy_kwargs = None, None, None
+
+    def _check_reference_options(self) -> None:
+        self.ref_estimator = check_reference_options(
+            regularizer=self.ref_regularizer, coef=self.ref_coef, target=self.ref_target, horizon=self.ref_horizon,
+            estimator=self.ref_estimator, placement=self.ref_placement, cap=self.ref_cap,
+        )
+        if self.ref_placement == "loss" and not self._ref_loss_supported:
+            raise ValueError(
+                f"ref_placement='loss' is not available for {type(self).__name__}: its train() does not compute the "
+                "policy loss through policy.evaluate_actions; use ref_placement='reward'"
+            )
+
+    def _setup_reference(self) -> None:
+        """Build the frozen reference (at construction from ``ref_policy``; on load from the saved class and
+        arguments, the parameters then come from the zip) and hook it into the buffer."""
+        self.__dict__.pop("reference_regularizer", None)
+        source = self.__dict__.pop("_ref_policy_source", None)
+        if self.__dict__.get("ref_policy") is None:
+            return
+        self._check_reference_options()
+        model: Any = self
+        if source is not None:
+            reference = load_reference_policy(model.policy if source == "initial" else source, model.device)
+            kwargs = reference._get_constructor_parameters()
+            for key in ("observation_space", "action_space", "lr_schedule"):
+                kwargs.pop(key, None)
+            self.ref_policy_class, self.ref_policy_kwargs = type(reference), kwargs
+        else:
+            assert self.ref_policy_class is not None
+            reference = self.ref_policy_class(
+                model.observation_space, model.action_space, lambda _: 0.0, **(self.ref_policy_kwargs or {})
+            )
+            reference = load_reference_policy(reference, model.device)
+        for name in ("observation_space", "action_space"):
+            if getattr(reference, name) != getattr(model, name):
+                raise ValueError(
+                    f"ref_policy has {name} {getattr(reference, name)}, but the model's is {getattr(model, name)}: the "
+                    "reference must act in the same spaces"
+                )
+        adaptive = self.ref_coef == "adaptive"
+        if adaptive:
+            coef = ADAPTIVE_INITIAL_COEF if self.ref_coef_value is None else self.ref_coef_value
+        else:
+            coef = float(self.ref_coef)
+        assert self.ref_estimator is not None
+        regularizer = ReferenceRegularizer(
+            reference, regularizer=self.ref_regularizer, coef=coef, adaptive_target=self.ref_target if adaptive else None,
+            horizon=self.ref_horizon, estimator=self.ref_estimator, placement=self.ref_placement, cap=self.ref_cap,
+        )
+        if self.ref_placement == "loss":
+            exact_policy_divergence_supported(model.policy, self.ref_regularizer, self.ref_estimator)
+        else:
+            model.rollout_buffer.reward_penalty_fn = regularizer.reward_penalty
+        self.ref_coef_value = coef
+        self.reference_regularizer = regularizer
+
+    def _train_with_reference(self, train: Any) -> None:
+        """Run ``train()`` (with the loss term when ``ref_placement="loss"``), log and update the coefficient."""
+        regularizer: ReferenceRegularizer | None = self.__dict__.get("reference_regularizer")
+        if regularizer is None:
+            train()
+            return
+        model: Any = self
+        if regularizer.placement == "loss":
+            model.policy.evaluate_actions = regularizer.wrap_evaluate_actions(model.policy)
+            try:
+                train()
+            finally:
+                del model.policy.evaluate_actions
+            regularizer.finish_loss_stats()
+        else:
+            train()
+        for key, value in regularizer.stats.items():
+            model.logger.record(f"pgvar/ref_{key}", value)
+        model.logger.record("pgvar/ref_coef", regularizer.coef)
+        regularizer.update_coef(model.n_steps * model.n_envs)
+        self.ref_coef_value = regularizer.coef
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "reference_regularizer", "_ref_policy_source"]  # type: ignore[misc]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts, torch_variables = super()._get_torch_save_params()  # type: ignore[misc]
+        if self.__dict__.get("reference_regularizer") is not None:
+            state_dicts = [*state_dicts, "reference_regularizer.reference"]
+        return state_dicts, torch_variables
+
+
+def exact_policy_divergence_supported(policy: Any, regularizer: str, estimator: str) -> None:
+    """Raise ``ValueError`` at construction if ``ref_estimator="exact"`` has no closed form for the policy."""
+    if estimator != "exact":
+        return
+    action_dist = getattr(policy, "action_dist", None)
+    if type(action_dist) is CategoricalDistribution or (
+        type(action_dist) is DiagGaussianDistribution and regularizer != "odds_ratio_cap"
+    ):
+        return
+    raise ValueError(
+        f"ref_estimator='exact' has no closed form {regularizer!r} for the action distribution "
+        f"{type(action_dist).__name__} (exact: Categorical, and DiagGaussian except odds_ratio_cap); "
+        "use ref_placement='reward'"
+    )
