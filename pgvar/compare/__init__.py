@@ -15,7 +15,16 @@ and in the ``pgvar compare`` command, which calls this package.
 """
 
 from pgvar.compare.env_engine import ENV_BASELINES, ENV_NORMALIZATIONS, compare_on_env
-from pgvar.compare.problem_engine import ESTIMATORS, PROBLEMS, compare_on_problem, make_problem
+from pgvar.compare.metrics import estimator_metrics, variance_standard_error
+from pgvar.compare.problem_engine import (
+    ALL_ESTIMATORS,
+    ESTIMATORS,
+    PROBLEM_SPECIFIC_ESTIMATORS,
+    PROBLEMS,
+    ProblemEstimators,
+    compare_on_problem,
+    make_problem,
+)
 from pgvar.compare.results import (
     ComparisonResult,
     EnvComparisonResult,
@@ -26,10 +35,13 @@ from pgvar.compare.results import (
 from pgvar.rollouts import RolloutBatch, collect_rollout
 
 __all__ = [
+    "ALL_ESTIMATORS",
     "ENV_BASELINES",
     "ENV_NORMALIZATIONS",
     "ESTIMATORS",
     "PROBLEMS",
+    "PROBLEM_SPECIFIC_ESTIMATORS",
+    "ProblemEstimators",
     "ComparisonResult",
     "EnvComparisonResult",
     "EnvEstimatorSummary",
@@ -38,6 +50,8 @@ __all__ = [
     "collect_rollout",
     "compare_on_env",
     "compare_on_problem",
+    "estimator_metrics",
     "library_versions",
     "make_problem",
+    "variance_standard_error",
 ]
