@@ -327,7 +327,7 @@ def _check_applicable(problem: ExactGradientProblem, estimators: Sequence[str]) 
                 f"estimators: 'horizon_value' needs a finite-horizon problem, {type(problem).__name__} has horizon None"
             )
         if name == "factorized_baseline":
-            shape = getattr(problem.action_space, "shape", None) or ()
+            shape: tuple[int, ...] = tuple(getattr(problem.action_space, "shape", None) or ())
             if discrete or len(shape) != 1 or shape[0] < 2:
                 raise ValueError(
                     f"estimators: 'factorized_baseline' needs Box actions with >= 2 dimensions, "
