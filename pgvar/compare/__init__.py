@@ -15,6 +15,12 @@ and in the ``pgvar compare`` command, which calls this package.
 """
 
 from pgvar.compare.env_engine import ENV_BASELINES, ENV_NORMALIZATIONS, compare_on_env
+from pgvar.compare.env_estimators import (
+    ENV_ESTIMATORS,
+    EnvEstimators,
+    applicable_env_estimators,
+    sample_env_estimates,
+)
 from pgvar.compare.metrics import estimator_metrics, variance_standard_error
 from pgvar.compare.problem_engine import (
     ALL_ESTIMATORS,
@@ -22,14 +28,17 @@ from pgvar.compare.problem_engine import (
     PROBLEM_SPECIFIC_ESTIMATORS,
     PROBLEMS,
     ProblemEstimators,
+    applicable_problem_estimators,
     compare_on_problem,
     make_problem,
+    sample_problem_estimates,
 )
 from pgvar.compare.results import (
     ComparisonResult,
     EnvComparisonResult,
     EnvEstimatorSummary,
     EstimatorSummary,
+    PairedEstimates,
     library_versions,
 )
 from pgvar.rollouts import RolloutBatch, collect_rollout
@@ -37,21 +46,28 @@ from pgvar.rollouts import RolloutBatch, collect_rollout
 __all__ = [
     "ALL_ESTIMATORS",
     "ENV_BASELINES",
+    "ENV_ESTIMATORS",
     "ENV_NORMALIZATIONS",
     "ESTIMATORS",
     "PROBLEMS",
     "PROBLEM_SPECIFIC_ESTIMATORS",
-    "ProblemEstimators",
     "ComparisonResult",
     "EnvComparisonResult",
     "EnvEstimatorSummary",
+    "EnvEstimators",
     "EstimatorSummary",
+    "PairedEstimates",
+    "ProblemEstimators",
     "RolloutBatch",
+    "applicable_env_estimators",
+    "applicable_problem_estimators",
     "collect_rollout",
     "compare_on_env",
     "compare_on_problem",
     "estimator_metrics",
     "library_versions",
     "make_problem",
+    "sample_env_estimates",
+    "sample_problem_estimates",
     "variance_standard_error",
 ]

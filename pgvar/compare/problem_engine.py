@@ -17,13 +17,20 @@ gradient.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from pgvar._validation import check_choice, check_positive, check_unit_interval
 from pgvar.compare.fitted import FittedCritic, FittedFactorizedBaseline, FittedHorizonValue, FittedValue
-from pgvar.compare.results import ComparisonResult, EstimatorSummary, library_versions, safe_ratio
+from pgvar.compare.results import (
+    ComparisonResult,
+    EstimatorSummary,
+    PairedEstimates,
+    library_versions,
+    safe_ratio,
+)
 from pgvar.estimators import (
     CONSTANT_BASELINES,
     all_action_control_variate,
@@ -54,7 +61,17 @@ from pgvar.problems import (
 )
 from pgvar.problems.base import EpisodeBatch, Params
 
-__all__ = ["ALL_ESTIMATORS", "ESTIMATORS", "PROBLEMS", "PROBLEM_SPECIFIC_ESTIMATORS", "ProblemEstimators", "compare_on_problem", "make_problem"]
+__all__ = [
+    "ALL_ESTIMATORS",
+    "ESTIMATORS",
+    "PROBLEMS",
+    "PROBLEM_SPECIFIC_ESTIMATORS",
+    "ProblemEstimators",
+    "applicable_problem_estimators",
+    "compare_on_problem",
+    "make_problem",
+    "sample_problem_estimates",
+]
 
 #: Built-in problems with exact gradients, by the name ``pgvar compare --problem`` takes.
 PROBLEMS: dict[str, Callable[[], ExactGradientProblem]] = {
@@ -335,6 +352,18 @@ def _check_applicable(problem: ExactGradientProblem, estimators: Sequence[str]) 
                 )
 
 
+def applicable_problem_estimators(problem: ExactGradientProblem) -> list[str]:
+    """The rows of :data:`ALL_ESTIMATORS` that ``problem`` can run, in table order."""
+    rows = []
+    for name in ALL_ESTIMATORS:
+        try:
+            _check_applicable(problem, [name])
+        except ValueError:
+            continue
+        rows.append(name)
+    return rows
+
+
 class ProblemEstimators:
     """The problem engine's estimators prepared at one policy: what they fit once (a value function, a critic, a
     horizon-aware value, factorized baselines, all on a batch of their own) and one gradient estimate per batch.
@@ -413,6 +442,71 @@ class ProblemEstimators:
                     normalization, eta_scope="crossfit",
                 )  # fmt: skip
         return {name: out[name] for name in names}
+
+
+def sample_problem_estimates(
+    problem: ExactGradientProblem | str,
+    estimators: Sequence[str],
+    *,
+    batch_size: int = 32,
+    n_batches: int = 200,
+    seed: int = 0,
+    gae_lambda: float = 0.95,
+) -> PairedEstimates:
+    """``n_batches`` estimates of every row in ``estimators`` on shared batches, against the exact gradient.
+
+    The same sampling as :func:`compare_on_problem` (same seed, same batches), returning the raw estimates for
+    :func:`pgvar.compare.estimator_metrics` and the benchmark suite.
+
+    :param problem: a problem or a built-in name (:data:`PROBLEMS`)
+    :param estimators: rows of :data:`ALL_ESTIMATORS` that the problem can run
+    :param batch_size: episodes per batch
+    :param n_batches: batches (>= 2)
+    :param seed: seeds the policy parameters and the sampling
+    :param gae_lambda: lambda of the GAE rows
+    :return: :class:`~pgvar.compare.PairedEstimates` (``exact=True``)
+    """
+    name = problem if isinstance(problem, str) else type(problem).__name__
+    if isinstance(problem, str):
+        problem = make_problem(problem)
+    batch_size = int(check_positive("batch_size", batch_size, integer=True))
+    n_batches = int(check_positive("n_batches", n_batches, integer=True))
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be >= 2 (the variance is measured across batches), got {n_batches}")
+    generator = torch.Generator().manual_seed(seed)
+    params = problem.initial_parameters(seed)
+    exact = flatten(problem.exact_policy_gradient(params))
+    start = time.perf_counter()
+    prepared = ProblemEstimators(problem, estimators, params, generator, batch_size=batch_size, gae_lambda=gae_lambda)
+    seconds = {"fit": time.perf_counter() - start, "sampling": 0.0, "estimates": 0.0}
+    estimates = {row: torch.empty(n_batches, exact.numel(), dtype=exact.dtype) for row in prepared.estimators}
+    first = None
+    for k in range(n_batches):
+        start = time.perf_counter()
+        batch = prepared.sample(generator)
+        seconds["sampling"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for row, value in prepared.estimates(batch).items():
+            estimates[row][k] = value
+        seconds["estimates"] += time.perf_counter() - start
+        first = batch if first is None else first
+    return PairedEstimates(
+        group=name,
+        estimates=estimates,
+        reference=exact,
+        exact=True,
+        batch_size=batch_size,
+        batch_unit="episodes",
+        estimator=prepared,
+        timing_batch=first,
+        seconds=seconds,
+        settings={
+            "problem": name, "batch_size": batch_size, "n_batches": n_batches, "seed": seed,
+            "gamma": float(problem.gamma), "gae_lambda": gae_lambda, "n_parameters": int(exact.numel()),
+            "exact_gradient_norm": float(exact.norm()), "reference": "exact gradient",
+        },
+        versions=library_versions(),
+    )  # fmt: skip
 
 
 def compare_on_problem(
