@@ -452,6 +452,7 @@ def sample_problem_estimates(
     n_batches: int = 200,
     seed: int = 0,
     gae_lambda: float = 0.95,
+    sampling_seed: int | None = None,
 ) -> PairedEstimates:
     """``n_batches`` estimates of every row in ``estimators`` on shared batches, against the exact gradient.
 
@@ -464,6 +465,7 @@ def sample_problem_estimates(
     :param n_batches: batches (>= 2)
     :param seed: seeds the policy parameters and the sampling
     :param gae_lambda: lambda of the GAE rows
+    :param sampling_seed: seeds the sampling instead (same policy, other batches); ``None``: ``seed``
     :return: :class:`~pgvar.compare.PairedEstimates` (``exact=True``)
     """
     name = problem if isinstance(problem, str) else type(problem).__name__
@@ -473,7 +475,7 @@ def sample_problem_estimates(
     n_batches = int(check_positive("n_batches", n_batches, integer=True))
     if n_batches < 2:
         raise ValueError(f"n_batches must be >= 2 (the variance is measured across batches), got {n_batches}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed if sampling_seed is None else sampling_seed)
     params = problem.initial_parameters(seed)
     exact = flatten(problem.exact_policy_gradient(params))
     start = time.perf_counter()
