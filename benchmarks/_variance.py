@@ -204,9 +204,10 @@ def checkpoint_steps(env_id: str, checkpoint: str, size: Size) -> int:
 
 
 def checkpoint(env_id: str, checkpoint_name: str, size: Size, models: dict[str, str]) -> Any:
-    """The fixed policy of a group: a user zip, or a :class:`pgvar.PPO` trained with seed :data:`SEED` to the
-    checkpoint's step count (0: untrained), cached. One training run per environment and budget saves every
-    checkpoint of it on the way."""
+    """The fixed policy of a group: a user zip, or a :class:`pgvar.PPO` (4 envs x 512 steps per update, SB3's
+    other defaults) trained with seed :data:`SEED` to the checkpoint's step count, cached (0 steps: untrained). One
+    training run per environment saves every checkpoint on the way; a checkpoint holds the policy of the last
+    update before its step count (an update every 2048 steps)."""
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -215,9 +216,8 @@ def checkpoint(env_id: str, checkpoint_name: str, size: Size, models: dict[str, 
     if checkpoint_name == "user":
         return PPO.load(models[env_id], device="cpu")
     steps = checkpoint_steps(env_id, checkpoint_name, size)
-    env = make_vec_env(env_id, n_envs=4, seed=SEED)
     if steps == 0:
-        return PPO("MlpPolicy", env, seed=SEED, device="cpu", n_steps=512)
+        return PPO("MlpPolicy", env_id, seed=SEED, device="cpu", n_steps=512)
     versions = library_versions()
     tag = "_".join(f"{k}{versions[k]}" for k in ("stable_baselines3", "gymnasium", "mujoco", "torch") if k in versions)
 
@@ -226,6 +226,7 @@ def checkpoint(env_id: str, checkpoint_name: str, size: Size, models: dict[str, 
 
     if not path(steps).exists():
         milestones = sorted({checkpoint_steps(env_id, c, size) for c in CHECKPOINTS} - {0})
+        env = make_vec_env(env_id, n_envs=4, seed=SEED)
         model = PPO("MlpPolicy", env, seed=SEED, device="cpu", n_steps=512)
 
         class Save(BaseCallback):
@@ -240,7 +241,8 @@ def checkpoint(env_id: str, checkpoint_name: str, size: Size, models: dict[str, 
         for n in milestones:  # milestones that are not a multiple of the env count land on the next step
             if not path(n).exists():
                 model.save(path(n))
-    return PPO.load(path(steps), env=env, device="cpu")
+        env.close()
+    return PPO.load(path(steps), device="cpu")
 
 
 # --------------------------------------------------------------------------------------------------- a group
