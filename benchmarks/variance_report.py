@@ -281,6 +281,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     groups = report["groups"]
     n = len(groups)
@@ -295,6 +296,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         ax.barh(range(len(names)), ratios, color=colors)
         ax.set_yticks(range(len(names)), names, fontsize=6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="x", labelsize=6)
