@@ -178,14 +178,20 @@ def regressions(old: dict[str, Any], new: dict[str, Any], alpha: float = 0.01) -
     :param new: a later run of the same suite
     :param alpha: family-wise false-alarm rate (one-sided Bonferroni over the comparisons)
     :return: one dict per comparison: group, estimator, the two variances, ``z``, ``threshold``, ``worse``
+        (pairs whose group settings differ, e.g. runs of two sizes, are not compared)
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     before = {(b["extra_info"]["group"], b["extra_info"]["estimator"]): b["extra_info"] for b in old["benchmarks"]}
     after = {(b["extra_info"]["group"], b["extra_info"]["estimator"]): b["extra_info"] for b in new["benchmarks"]}
-    keys = [key for key in after if key in before]
+    common = [key for key in after if key in before]
+    # Only the same measurement can regress: same group, same sizes, same checkpoint (a run of another size differs).
+    keys = [key for key in common if before[key].get("settings") == after[key].get("settings")]
     if not keys:
-        raise ValueError("the two runs have no (group, estimator) in common")
+        raise ValueError(
+            f"the two runs have no (group, estimator) measured with the same settings in common ({len(common)} in "
+            "common with other settings: compare runs of the same size and checkpoints)"
+        )
     threshold = NormalDist().inv_cdf(1 - alpha / len(keys))
     out = []
     for key in keys:

@@ -100,5 +100,11 @@ def test_bad_input(tmp_path):
     empty.write_text(json.dumps({"benchmarks": [{"extra_info": {}, "stats": {}}]}))
     with pytest.raises(ValueError, match="no benchmark of the variance suite"):
         variance_report.load_run(empty)
+    run = _run(sampling_seed=1)
+    other_size = _run(sampling_seed=1)
+    for bench in other_size["benchmarks"]:
+        bench["extra_info"]["settings"]["n_batches"] = 30
+    with pytest.raises(ValueError, match="same settings"):
+        variance_report.regressions(run, other_size)
     with pytest.raises(ValueError, match="alpha"):
         variance_report.regressions({"benchmarks": []}, {"benchmarks": []}, alpha=2.0)
