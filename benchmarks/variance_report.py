@@ -345,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {_relative(DEFAULT_RUN)})")  # fmt: skip
     args = parser.parse_args(argv)
     if args.compare:
-        found = regressions(load_run(args.compare[0]), load_run(args.compare[1]), args.alpha)
+        try:
+            found = regressions(load_run(args.compare[0]), load_run(args.compare[1]), args.alpha)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         worse = [r for r in found if r["worse"]]
         threshold = found[0]["threshold"]
         print(f"{len(found)} comparisons, one-sided Bonferroni threshold z > {threshold:.2f} (alpha {args.alpha})")
