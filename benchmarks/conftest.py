@@ -3,6 +3,10 @@
 Full run: ``python -m pytest benchmarks --benchmark-enable`` (batch sizes 2048, 8192, 32768).
 Smoke run: ``python -m pytest benchmarks -q`` (pytest-benchmark is disabled by the project's addopts) or
 ``PGVAR_BENCH_SMOKE=1``: tiny sizes, each case runs once, the same code paths.
+Variance suite (``benchmarks/test_variance_suite.py``): ``--variance-size smoke|small|full`` (default: smoke when
+benchmarks are disabled, full when enabled), ``--variance-model ENV_ID=PATH`` (a saved model instead of the suite's
+checkpoints), ``--variance-mc`` (the Monte Carlo "true V" row on every environment, not only the size's own list);
+``benchmarks/variance_report.py`` turns the saved JSON into tables.
 Threads: ``PGVAR_BENCH_THREADS`` (default 1; other processes share this machine, and ratios are what we report),
 set by an autouse fixture of the per-sample gradient benchmark only.
 """
@@ -24,6 +28,16 @@ FULL_SIZES = (2048, 8192, 32768)
 SMOKE_SIZES = (128, 256, 512)
 THREADS = _data.THREADS
 RESULTS = _data.RESULTS
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pgvar variance suite")
+    group.addoption("--variance-size", default=None, help="smoke | small | full (default: smoke when benchmarks are "
+                    "disabled, full when enabled; or PGVAR_VARIANCE_SIZE)")
+    group.addoption("--variance-model", action="append", default=[], metavar="ENV_ID=PATH",
+                    help="use this saved SB3 model as the only checkpoint of ENV_ID (repeatable)")
+    group.addoption("--variance-mc", action="store_true", default=False,
+                    help="measure the Monte Carlo 'true V' row on every environment (slow: continuations per state)")
 
 
 def is_smoke(config: pytest.Config) -> bool:

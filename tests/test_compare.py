@@ -260,3 +260,108 @@ def test_qprop_needs_a_mean_action_on_continuous_problems():
 
     with pytest.raises(ValueError, match="'qprop_fitted_critic' needs mean_action"):
         compare_on_problem(NoMean(), estimators=["qprop_fitted_critic"], n_batches=2)
+
+
+# ------------------------------------------------------------------------------- the suite's added rows
+@pytest.mark.parametrize(
+    "name, rows",
+    [
+        ("bandit", ["gae1_fitted_value", "qprop_adaptive_eta", "qprop_consistent", "factorized_baseline"]),
+        ("lqr", ["gae1_fitted_value", "qprop_adaptive_eta", "horizon_value"]),
+        ("tabular", ["gae1_fitted_value", "all_action"]),
+    ],
+)
+def test_added_rows_are_unbiased_on_exact_problems(name, rows):
+    """Acceptance of the variance suite: every unbiased row has |bias z| < 4 on the exact problems (the GAE(0.95)
+    horizon-aware row on the LQR too: with the fitted values nearly exact its lambda bias is below the noise)."""
+    result = compare_on_problem(name, estimators=["none", *rows, "qprop_as_published"], batch_size=16,
+                                n_batches=120, seed=5)  # fmt: skip
+    for row in rows:
+        assert result.summary(row).bias_max_abs_z < 4.0, result.summary(row)
+    assert result.summary("qprop_as_published").bias_max_abs_z >= 4.0  # flagged biased
+
+
+def test_problem_specific_rows_are_refused_where_they_do_not_apply():
+    from pgvar.compare import applicable_problem_estimators
+
+    assert "all_action" in applicable_problem_estimators(make_problem("tabular"))
+    assert "factorized_baseline" not in applicable_problem_estimators(make_problem("lqr"))  # one action dimension
+    assert "horizon_value" not in applicable_problem_estimators(make_problem("tabular"))  # no fixed horizon
+    for problem, row, match in [
+        ("bandit", "all_action", "Discrete"),
+        ("tabular", "horizon_value", "finite-horizon"),
+        ("lqr", "factorized_baseline", ">= 2 dimensions"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            compare_on_problem(problem, estimators=[row], n_batches=2)
+
+
+def test_horizon_aware_fit_is_the_least_squares_solution_of_its_loss():
+    """L-BFGS on horizon_aware_value_loss with linear heads reaches the normal equations' solution."""
+    from pgvar.compare.fitted import FittedHorizonValue, value_features
+    from pgvar.estimators import horizon_aware_value_targets, time_to_go_factor
+
+    problem = make_problem("lqr")
+    params = problem.initial_parameters(0)
+    batch = problem.sample_episodes(params, 200, torch.Generator().manual_seed(0))
+    fitted = FittedHorizonValue.fit(problem, batch, problem.gamma)
+    phi = value_features(batch.observations, batch.timesteps, None, None)[batch.mask]
+    f = time_to_go_factor(batch.timesteps[batch.mask], horizon=problem.horizon, gamma=problem.gamma, dtype=phi.dtype)
+    design = torch.cat([phi, f.unsqueeze(-1) * phi], dim=-1)
+    targets = horizon_aware_value_targets(
+        batch.rewards, batch.terminated, batch.truncated, batch.timesteps, horizon=problem.horizon, gamma=problem.gamma
+    )[batch.mask]
+    solution = torch.linalg.lstsq(design, targets.unsqueeze(-1)).solution.squeeze(-1)
+    predicted = fitted(batch.observations, batch.timesteps)[batch.mask]
+    torch.testing.assert_close(predicted, design @ solution, rtol=1e-4, atol=1e-4 * float(targets.abs().max()))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "HalfCheetah-v5"])
+def test_env_rows_reduce_to_the_learned_value_row_with_zero_critic_and_baselines(env_id):
+    """Q-Prop (eta = 1) and the all-action CV with Q_w = 0, and the factorized baseline with b_k = 0, are the
+    GAE(lambda) row exactly; every row gives a finite estimate of the actor's size."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from pgvar import PPO
+    from pgvar.compare import EnvEstimators, applicable_env_estimators
+    from pgvar.rollouts import collect_rollout
+
+    env = make_vec_env(env_id, n_envs=2, seed=0)
+    model = PPO("MlpPolicy", env, seed=0, device="cpu", n_steps=16, batch_size=32)
+    rows = [r for r in applicable_env_estimators(model.policy.action_space, env_id) if r != "mc_value"]
+    obs = env.reset()
+    fit = []
+    for _ in range(2):
+        batch, obs = collect_rollout(model.policy, env, 16, obs)
+        fit.append(batch)
+    prepared = EnvEstimators(model, env_id, rows, fit, fit_steps=5)
+    batch, _ = collect_rollout(model.policy, env, 16, obs)
+    estimates = prepared.estimates(batch)
+    size = sum(p.numel() for p in prepared.actor.params)
+    for row, value in estimates.items():
+        assert value.shape == (size,) and bool(value.isfinite().all()), row
+    for network in (prepared.critic, prepared.factorized):
+        if network is not None:
+            torch.nn.init.zeros_(network.net[-1].weight)
+            torch.nn.init.zeros_(network.net[-1].bias)
+    zeroed = prepared.estimates(batch)
+    equal_to_value = ["all_action"] if env_id == "CartPole-v1" else ["qprop_fixed_eta"]
+    if env_id == "HalfCheetah-v5":
+        equal_to_value.append("factorized_baseline")
+    for row in equal_to_value:
+        torch.testing.assert_close(zeroed[row], zeroed["value"], rtol=1e-5, atol=1e-7)
+    # without a critic, the consistent normalization times sigma is the centred GAE signal
+    assert not torch.allclose(zeroed["qprop_consistent"], zeroed["value"])
+
+
+def test_sample_problem_estimates_are_the_compare_batches():
+    """The suite's sampler and compare_on_problem see the same batches: same variances."""
+    from pgvar.compare import estimator_metrics, sample_problem_estimates
+
+    paired = sample_problem_estimates("bandit", ["none", "exact_value"], batch_size=8, n_batches=6, seed=2)
+    result = compare_on_problem("bandit", estimators=["none", "exact_value"], batch_size=8, n_batches=6, seed=2)
+    for row in ("none", "exact_value"):
+        metrics = estimator_metrics(paired.estimates[row], paired.reference, exact=True, batch_size=8)
+        assert metrics["variance"] == pytest.approx(result.summary(row).variance)
+        assert metrics["bias_max_abs_z"] == pytest.approx(result.summary(row).bias_max_abs_z)
+    torch.testing.assert_close(paired.time_one("none"), paired.estimates["none"][0])

@@ -20,21 +20,11 @@ from typing import Any
 
 import torch
 
-from pgvar._sb3_policy import (
-    actor_parameter_names,
-    flatten_time_major,
-    log_prob_loss,
-    policy_log_prob,
-)
 from pgvar._validation import check_choice, check_positive
+from pgvar.compare.env_estimators import _ActorGradients, _advantages, _gae
 from pgvar.compare.results import EnvComparisonResult, EnvEstimatorSummary, library_versions, safe_ratio
-from pgvar.estimators import (
-    constant_baseline,
-    discounted_returns,
-    gae_advantages,
-    normalize_advantages,
-)
-from pgvar.measure import estimate_statistics, per_sample_grad_sq_norms
+from pgvar.estimators import normalize_advantages
+from pgvar.measure import estimate_statistics
 from pgvar.rollouts import RolloutBatch, collect_rollout
 
 __all__ = ["ENV_BASELINES", "ENV_NORMALIZATIONS", "compare_on_env"]
@@ -77,71 +67,6 @@ def _fixed_policy(model: Any, env: Any, train_steps: int, seed: int, progress: P
             model.learn(train_steps, callback=_progress_callback(progress, train_steps))
     model.policy.set_training_mode(False)
     return model, int(getattr(model, "num_timesteps", 0))
-
-
-class _ActorGradients:
-    """Gradients over the actor's parameters of an SB3 policy held fixed (``pgvar._sb3_policy``'s rule)."""
-
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-        self.names = sorted(actor_parameter_names(policy))  # flattened in sorted name order, as pgvar.measure does
-        named = dict(policy.named_parameters())
-        self.params = [named[name] for name in self.names]
-
-    def log_probs(self, batch: RolloutBatch) -> torch.Tensor:
-        """``log pi(a|s)`` of every step of the batch, ``[T * N]`` in time-major order (differentiable)."""
-        return policy_log_prob(self.policy, flatten_time_major(batch.observations), flatten_time_major(batch.actions))
-
-    def gradient(self, advantages: torch.Tensor, log_probs: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-        """``grad (1/M) sum_i A_i log pi(a_i|s_i)``, flattened in name order, float64 (``A`` is detached)."""
-        surrogate = (advantages.reshape(-1).detach() * log_probs).mean()
-        grads = torch.autograd.grad(surrogate, self.params, retain_graph=retain_graph)
-        return torch.cat([g.reshape(-1) for g in grads]).double()
-
-    def score_sq_norms(self, batch: RolloutBatch) -> torch.Tensor:
-        """``||grad log pi(a_t|s_t)||^2`` of every step, ``[T, N]`` float32 (the optimal baseline's weights)."""
-        sq_norms = per_sample_grad_sq_norms(
-            self.policy,
-            log_prob_loss(weighted=False),
-            (flatten_time_major(batch.actions), flatten_time_major(batch.observations)),
-            params=self.names,
-        )
-        return sq_norms.reshape(batch.rewards.shape).float()
-
-
-# ---------------------------------------------------------------------------------------------- the steps
-def _advantages(
-    batch: RolloutBatch,
-    baselines: Sequence[str],
-    gamma: float,
-    gae_lambda: float,
-    score_sq_norms: Callable[[], torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """The ``[T, N]`` advantage of each baseline on one batch, from :mod:`pgvar.estimators`.
-
-    ``"value"``: GAE with the learned V; a constant baseline: the return-to-go (bootstrapped from V at truncations
-    and at the rollout's end) minus :func:`pgvar.estimators.constant_baseline`. ``score_sq_norms`` is called
-    only for ``"optimal"``.
-    """
-    signals = {}
-    returns = None
-    for name in baselines:
-        if name == "value":
-            signals[name] = _gae(batch, gamma, gae_lambda)
-            continue
-        if returns is None:
-            returns = discounted_returns(
-                batch.rewards, batch.terminated, batch.truncated, batch.next_values, gamma=gamma
-            )
-        sq_norms = score_sq_norms() if name == "optimal" else None
-        signals[name] = returns - constant_baseline(name, returns, score_sq_norms=sq_norms)
-    return signals
-
-
-def _gae(batch: RolloutBatch, gamma: float, gae_lambda: float) -> torch.Tensor:
-    return gae_advantages(
-        batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated, gamma=gamma, gae_lambda=gae_lambda
-    )
 
 
 def _reference_gradient(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "PairedEstimates",
     "ComparisonResult",
     "EnvComparisonResult",
     "EnvEstimatorSummary",
@@ -163,3 +164,39 @@ class EnvComparisonResult:
             if (row.baseline, row.normalization) == (baseline, normalization):
                 return row
         raise KeyError(f"no estimator ({baseline!r}, {normalization!r}) in this result")
+
+
+@dataclass
+class PairedEstimates:
+    """``K`` batch estimates of every estimator of a comparison, all on the same batches (paired), with what the
+    benchmark suite needs to time one more estimate.
+
+    :param group: the problem or environment id
+    :param estimates: name -> ``[K, P]`` float64 batch estimates
+    :param reference: ``[P]`` the exact gradient (``exact``) or a large-batch reference
+    :param exact: whether ``reference`` is exact (bias and z-scores are then meaningful)
+    :param batch_size: samples behind one batch estimate (episodes or steps: ``batch_unit``)
+    :param batch_unit: ``"episodes"`` or ``"steps"``
+    :param estimator: the prepared estimators (:class:`~pgvar.compare.ProblemEstimators` or
+        :class:`~pgvar.compare.EnvEstimators`): ``estimator.estimates(timing_batch, [name])`` is one estimate
+    :param timing_batch: one of the batches
+    :param seconds: wall time of the stages (sampling, fitting, reference, estimates)
+    :param settings: sizes, seed, discount and the like, JSON-ready
+    :param versions: :func:`library_versions`
+    """
+
+    group: str
+    estimates: dict[str, torch.Tensor]
+    reference: torch.Tensor
+    exact: bool
+    batch_size: int
+    batch_unit: str
+    estimator: Any
+    timing_batch: Any
+    seconds: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def time_one(self, name: str) -> torch.Tensor:
+        """One estimate of ``name`` on the timing batch (the body the benchmark suite times)."""
+        return self.estimator.estimates(self.timing_batch, [name])[name]

@@ -156,13 +156,16 @@ def _continuations(
     n_parallel: int,
     seed: int,
     progress: Callable[[str, int, int], None] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Discounted return and length of each job ``(snapshot, first action, step limit)``, in lockstep."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
+    """Discounted return, length, whether it terminated, and last observation of each job ``(snapshot, first
+    action, step limit)``, in lockstep (the continuation stops at termination or after ``step limit`` steps)."""
     envs = [gym.make(env_id).unwrapped for _ in range(min(n_parallel, len(jobs)))]
     for index, env in enumerate(envs):
         env.reset(seed=seed + 1 + index)
     returns = np.zeros(len(jobs))
     lengths = np.zeros(len(jobs), dtype=np.int64)
+    ended = np.zeros(len(jobs), dtype=bool)
+    last_obs: list[Any] = [None] * len(jobs)
     for start in range(0, len(jobs), len(envs)):
         chunk = list(range(start, min(start + len(envs), len(jobs))))
         observations: list[Any] = [None] * len(chunk)
@@ -172,6 +175,7 @@ def _continuations(
             restore_state(envs[slot], snapshot)
             obs, reward, terminated, _, _ = envs[slot].step(env_actions(envs[slot].action_space, action))
             returns[job], lengths[job], observations[slot] = float(reward), 1, obs
+            ended[job], last_obs[job] = bool(terminated), obs
             if not terminated and jobs[job][2] > 1:
                 active.append(slot)
         discount = 1.0
@@ -187,6 +191,7 @@ def _continuations(
                 returns[job] += discount * float(reward)
                 lengths[job] += 1
                 observations[slot] = obs
+                ended[job], last_obs[job] = bool(terminated), obs
                 if not terminated and lengths[job] < jobs[job][2]:
                     still.append(slot)
             active = still
@@ -194,7 +199,7 @@ def _continuations(
             progress("nested rollouts", chunk[-1] + 1, len(jobs))
     for env in envs:
         env.close()
-    return returns, lengths
+    return returns, lengths, ended, last_obs
 
 
 def sample_nested_rollouts(
@@ -258,7 +263,7 @@ def sample_nested_rollouts(
         jobs = [
             (snapshots[s], actions[r, s].cpu().numpy(), remaining[s]) for r in range(_N_ROLES) for s in range(n_states)
         ]
-        returns, lengths = _continuations(policy, env_id, jobs, gamma, n_parallel, seed, progress)
+        returns, lengths, _, _ = _continuations(policy, env_id, jobs, gamma, n_parallel, seed, progress)
     returns_t = torch.as_tensor(returns, dtype=torch.float64).reshape(_N_ROLES, n_states)
     lengths_t = torch.as_tensor(lengths).reshape(_N_ROLES, n_states).T
 
@@ -290,3 +295,80 @@ def sample_nested_rollouts(
         actions=drawn[0],
         continuation_steps=lengths_t,
     )
+
+
+def monte_carlo_values(
+    policy: Any,
+    env_id: str,
+    states: list[Any],
+    observations: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    gamma: float = 0.99,
+    n_rollouts: int = 4,
+    horizon: int | None = None,
+    n_parallel: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
+    r"""Monte Carlo state values by restoring the simulator: the mean over ``n_rollouts`` continuations under
+    ``policy`` from each saved state (Ilyas et al. 2020's "true value" row, up to the rollouts' noise).
+
+    .. math::  \hat V(s) = \frac1M \sum_{m=1}^M \Big(\sum_{k=0}^{L_m - 1} \gamma^k r^{(m)}_k
+               + \gamma^{L_m} V_\phi(s^{(m)}_{L_m})\,[\text{not terminated}]\Big)
+
+    Each continuation runs until termination, the environment's time limit (counted from the state's time step)
+    or ``horizon`` steps; where it did not terminate it is bootstrapped from the policy's learned value
+    :math:`V_\phi` of its last observation (as the comparison engine bootstraps a truncated return). With
+    ``horizon=None`` and no time limit the continuations would not end: ``horizon`` is then required. The first
+    action of each continuation is drawn from the policy at the state, so the estimate is independent of the
+    action the batch took there (a valid baseline).
+
+    :param policy: an SB3 ``ActorCriticPolicy``, held fixed
+    :param env_id: the gymnasium id the states come from (MuJoCo or classic control; :func:`snapshot_state`)
+    :param states: ``S`` simulator states (:func:`snapshot_state`, e.g. ``RolloutBatch.states`` flattened)
+    :param observations: ``[S, ...]`` the observation at each state, as the policy takes it
+    :param timesteps: ``[S]`` each state's step index within its episode
+    :param gamma: discount factor in ``[0, 1]``
+    :param n_rollouts: continuations per state (``M``)
+    :param horizon: most steps of one continuation (``None``: until the time limit)
+    :param n_parallel: environment copies stepped in lockstep
+    :param seed: seeds the environments and the action sampling
+    :return: ``[S]`` float64 values
+
+    Reference: Ilyas, Engstrom, Santurkar, Tsipras, Janoos, Rudolph, Madry (2020), "A Closer Look at Deep Policy
+    Gradients", ICLR, arXiv:1811.02553, Sec. 3.2 (the "true" value function by extra rollouts).
+    """
+    check_positive("n_rollouts", n_rollouts, integer=True)
+    check_positive("n_parallel", n_parallel, integer=True)
+    check_unit_interval("gamma", gamma)
+    if horizon is not None:
+        check_positive("horizon", horizon, integer=True)
+    if len(states) != observations.shape[0] or len(states) != timesteps.shape[0]:
+        raise ValueError(
+            f"states, observations and timesteps must have one entry per state, got {len(states)}, "
+            f"{observations.shape[0]} and {timesteps.shape[0]}"
+        )
+    spec = gym.spec(env_id)
+    limit = spec.max_episode_steps if spec is not None else None
+    if limit is None and horizon is None:
+        raise ValueError(f"horizon must be given for {env_id!r}: the environment has no time limit")
+    max_steps = min(limit if limit is not None else math.inf, horizon if horizon is not None else math.inf)
+    n_states = len(states)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            distribution = policy.get_distribution(observations)
+            first = torch.stack([distribution.get_actions() for _ in range(n_rollouts)])  # [M, S, ...]
+        remaining = [
+            int(min(max_steps, (limit if limit is not None else math.inf) - int(timesteps[s]))) for s in range(n_states)
+        ]
+        jobs = [
+            (states[s], first[m, s].cpu().numpy(), max(remaining[s], 1)) for m in range(n_rollouts) for s in range(n_states)
+        ]
+        returns, lengths, ended, last_obs = _continuations(policy, env_id, jobs, gamma, n_parallel, seed, None)
+    open_jobs = np.flatnonzero(~ended)
+    if len(open_jobs):
+        with torch.no_grad():
+            tails = policy.predict_values(policy.obs_to_tensor(np.stack([last_obs[j] for j in open_jobs]))[0])
+        returns[open_jobs] += gamma ** lengths[open_jobs] * tails.double().flatten().cpu().numpy()
+    return torch.as_tensor(returns, dtype=torch.float64).reshape(n_rollouts, n_states).mean(0)

@@ -89,3 +89,27 @@ def test_an_env_without_a_restorable_state_is_rejected_early():
 
     with pytest.raises(ValueError, match="cannot save and restore the simulator state of Opaque"):
         snapshot_state(Opaque())
+
+
+def test_monte_carlo_values_by_state_restore():
+    """gamma = 0: the value is the first reward (CartPole: 1); with gamma > 0 it is deterministic given the seed."""
+    from stable_baselines3 import PPO as SB3PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from pgvar.rollouts import collect_rollout, monte_carlo_values
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = SB3PPO("MlpPolicy", env, seed=0, device="cpu")
+    batch, _ = collect_rollout(model.policy, env, 5, env.reset(), record_states=True)
+    states = [s for row in batch.states for s in row]
+    obs, steps = batch.observations.flatten(0, 1), batch.timesteps.flatten()
+    zero = monte_carlo_values(model.policy, "CartPole-v1", states, obs, steps, gamma=0.0, n_rollouts=2, horizon=5)
+    assert torch.equal(zero, torch.ones(10, dtype=torch.float64))
+    kwargs = dict(gamma=0.9, n_rollouts=3, horizon=4, seed=1)
+    a = monte_carlo_values(model.policy, "CartPole-v1", states, obs, steps, **kwargs)
+    b = monte_carlo_values(model.policy, "CartPole-v1", states, obs, steps, **kwargs)
+    assert torch.equal(a, b) and bool(a.isfinite().all()) and not torch.equal(a, zero)
+    with pytest.raises(ValueError, match="one entry per state"):
+        monte_carlo_values(model.policy, "CartPole-v1", states[:3], obs, steps)
+    with pytest.raises(ValueError, match="n_rollouts"):
+        monte_carlo_values(model.policy, "CartPole-v1", states, obs, steps, n_rollouts=0)
