@@ -43,8 +43,8 @@ from pgvar.cli._render import (
 #: the parser imports no torch; ``tests/test_cli.py`` checks they equal the library's).
 PROBLEMS = ("tabular", "bandit", "lqr")
 ESTIMATORS = (
-    "none", "mean", "optimal", "exact_value", "gae_fitted_value", "qprop_fitted_critic", "qprop_fixed_eta",
-    "qprop_as_published",
+    "none", "mean", "optimal", "exact_value", "gae_fitted_value", "gae1_fitted_value", "qprop_fitted_critic",
+    "qprop_fixed_eta", "qprop_adaptive_eta", "qprop_consistent", "qprop_as_published",
 )  # fmt: skip
 #: Algorithms ``pgvar compare --model`` can load.
 ALGORITHMS = ("ppo", "a2c", "trpo")
