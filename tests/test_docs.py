@@ -183,3 +183,76 @@ def test_coverage_check_reports_a_missing_name(monkeypatch: pytest.MonkeyPatch) 
         "pgvar_fake_public_module.FORGOTTEN_CONSTANT",
     ]
     assert skipped == ["pgvar_module_that_does_not_exist"]
+
+
+# ------------------------------------------------------------------------------ (d) statements kept true
+def _first_bash_line_after(text: str, marker: str) -> str:
+    """The first line of the first ```bash block after ``marker`` in ``text``."""
+    rest = text[text.index(marker) :]
+    block = rest[rest.index("```bash\n") + len("```bash\n") :]
+    return block.splitlines()[0].strip()
+
+
+def test_install_page_set_up_command_equals_readme() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    install = (DOCS_DIR / "guide" / "install.md").read_text(encoding="utf-8")
+    readme_command = _first_bash_line_after(readme, "Set up")
+    install_command = _first_bash_line_after(install, "## From a checkout")
+    assert install_command == readme_command
+    # torch and pgvar in one pip call (a separate `pip install torch` would be a second command).
+    assert install_command.count("pip install") == 1 and '"torch==' in install_command
+
+
+def test_install_page_states_example_times_that_the_examples_give() -> None:
+    install = (DOCS_DIR / "guide" / "install.md").read_text(encoding="utf-8")
+    assert "under 20 seconds" not in install
+    for script in EXAMPLES:
+        docstring = script.read_text(encoding="utf-8").split('"""')[1]
+        if "minute" in docstring and script.name in install:
+            # a time the page quotes for a script is the one its docstring gives
+            line = next(line for line in docstring.splitlines() if "minute" in line)
+            minutes = [word for word in line.replace("(", " ").split() if word[:1].isdigit()]
+            assert any(number in install for number in minutes), (script.name, line)
+
+
+_NUMBER_WORDS = {
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+}
+
+
+def test_compare_guide_counts_the_estimators() -> None:
+    from pgvar.cli.compare import ESTIMATORS
+
+    compare = (DOCS_DIR / "guide" / "compare.md").read_text(encoding="utf-8")
+    row = next(line for line in compare.splitlines() if line.startswith("| `--estimators"))
+    words = [word for word in row.lower().split() if word in _NUMBER_WORDS]
+    assert words and _NUMBER_WORDS[words[0]] == len(ESTIMATORS), row
+    for page in DOCS_DIR.rglob("*.md"):
+        text = page.read_text(encoding="utf-8").lower()
+        for word, number in _NUMBER_WORDS.items():
+            if number != len(ESTIMATORS):
+                assert f"{word} estimators" not in text, (page.name, word)
+
+
+def test_every_algorithm_has_a_module_page_and_an_overview_row() -> None:
+    overview = (DOCS_DIR / "modules" / "overview.md").read_text(encoding="utf-8")
+    pages = {path.read_text(encoding="utf-8") for path in (DOCS_DIR / "modules").glob("*.md")}
+    for name in ("PPO", "A2C", "TRPO", "QPropPPO", "QPropTRPO", "EntropyPG", "SoftQ"):
+        assert f"| `{name}` |" in overview, name
+        assert any(f"autoclass:: pgvar.{name}" in page or f"autoclass:: pgvar.algos.qprop.{name}" in page
+                   for page in pages), name  # fmt: skip
+
+
+def test_landing_page_shows_the_drop_in_import_and_a_citation() -> None:
+    index = (DOCS_DIR / "index.md").read_text(encoding="utf-8")
+    import pgvar
+
+    assert "from pgvar import PPO" in index
+    assert "@software{" in index and f"version = {{{pgvar.__version__}}}" in index
