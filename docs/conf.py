@@ -40,6 +40,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    # MathJax copied into the build (_static/mathjax), so formulas render without network.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     # Local: fails the build when a public name of pgvar.estimators / measure / problems is not in api.md.
     "coverage_check",

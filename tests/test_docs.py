@@ -66,6 +66,12 @@ def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     api_html = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
     # autodoc really ran (an import failure would leave the page without the functions' docstrings).
     assert "Schulman" in api_html and "Greensmith" in api_html
+    # Math renders offline: MathJax is served from the build itself, never from a CDN.
+    qprop_html = (tmp_path / "html" / "guide" / "qprop.html").read_text(encoding="utf-8")
+    assert 'src="../_static/mathjax/tex-chtml.js"' in qprop_html
+    assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in (tmp_path / "html").rglob("*.html"):
+        assert "cdn.jsdelivr.net/npm/mathjax" not in page.read_text(encoding="utf-8"), page
 
 
 # --------------------------------------------------------------------------------------------- (b) examples
