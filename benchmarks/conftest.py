@@ -75,7 +75,7 @@ def policy():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not RESULTS:
+    if not RESULTS or is_smoke(config):  # the README's test command stays quiet; --benchmark-enable prints
         return
     write = terminalreporter.write_line
     mode = "smoke (tiny sizes, one call each)" if is_smoke(config) else "full"

@@ -15,3 +15,14 @@ torch.set_num_threads(1)
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+_MUJOCO_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "MUJOCO_LOG.TXT")
+_MUJOCO_LOG_EXISTED = os.path.exists(_MUJOCO_LOG)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """MuJoCo appends its warnings (e.g. the deprecated ``settotalmass``) to ``MUJOCO_LOG.TXT`` in the working
+    folder; the test command leaves no file behind in the checkout."""
+    if not _MUJOCO_LOG_EXISTED and os.path.exists(_MUJOCO_LOG):
+        os.remove(_MUJOCO_LOG)
