@@ -221,7 +221,9 @@ def test_logged_statistics_equal_brute_force(case):
             if key == "pgvar/pg_grad_snr_debiased":
                 scale = abs(expected["pgvar/pg_grad_snr"])
             if key == "pgvar/noise_scale":
-                scale = abs(value) * max(1.0, abs(expected["pgvar/pg_grad_snr"] / expected["pgvar/pg_grad_snr_debiased"]))
+                scale = abs(value) * max(
+                    1.0, abs(expected["pgvar/pg_grad_snr"] / expected["pgvar/pg_grad_snr_debiased"])
+                )
             if math.isinf(value):
                 assert got[key] == value, (key, got[key], value)
                 continue
@@ -482,7 +484,8 @@ class RolloutKeepingCallback(GradientVarianceCallback):
 
 
 @pytest.mark.parametrize(
-    ("algo", "env_id"), [(PPO, "CartPole-v1"), (PPO, "DictCartPole"), (A2C, "Pendulum-v1"), (TRPO, "CartPole-v1")]
+    ("algo", "env_id"),
+    [(PPO, "CartPole-v1"), (PPO, "DictCartPole"), (A2C, "Pendulum-v1"), (TRPO, "CartPole-v1")],
 )
 def test_trust_region_values_equal_the_library_on_log_probs_recomputed_after_learn(algo, env_id):
     model = make_model(algo, env_id, n_envs=2, n_steps=32)
