@@ -19,6 +19,7 @@ See ``docs/guide/callback.md`` for the table of keys and how to read them.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -29,15 +30,18 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import Tensor, nn
 
-from pgvar._sb3_policy import actor_parameter_names, buffer_rows, log_prob_loss
+from pgvar._sb3_policy import actor_parameter_names, buffer_rows, log_prob_loss, policy_log_prob
 from pgvar._validation import check_choice, check_positive
 from pgvar.estimators import normalize_advantages
 from pgvar.measure import (
     GradientStatistics,
     flatten,
+    gradient_noise_scale,
     gradient_statistics_from_norms,
     gradient_statistics_streaming,
+    norm_test,
     pairwise_cosine,
+    trust_region_diagnostics,
 )
 
 __all__ = ["GradientVarianceCallback", "actor_parameter_names"]
@@ -57,6 +61,16 @@ KEY_BATCH_SIZE = "pgvar/pg_grad_batch_size"
 KEY_CLIP_NORM_MEAN = "pgvar/grad_norm_before_clip"
 KEY_CLIP_NORM_MAX = "pgvar/grad_norm_before_clip_max"
 KEY_CLIP_FRACTION = "pgvar/grad_clip_fraction"
+KEY_NOISE_SCALE = "pgvar/noise_scale"
+KEY_NORM_TEST_BATCH_SIZE = "pgvar/norm_test_batch_size"
+KEY_ESS = "pgvar/ess"
+KEY_MAX_RATIO = "pgvar/max_ratio"
+KEY_KL_K1 = "pgvar/kl_k1"
+KEY_KL_K3 = "pgvar/kl_k3"
+KEY_RATIO_CLIP_FRACTION = "pgvar/clip_fraction"
+
+#: The norm test's default tolerance, :func:`pgvar.measure.norm_test`'s own.
+DEFAULT_NORM_TEST_THETA: float = inspect.signature(norm_test).parameters["theta"].default
 
 
 class GradientVarianceCallback(BaseCallback):
@@ -106,6 +120,19 @@ class GradientVarianceCallback(BaseCallback):
     logger at ``on_training_end``). TRPO's actor step does not clip (``max_grad_norm = 0``), so these keys are
     not written for it; its actor step follows :math:`m` (``pg_grad_norm``).
 
+    Batch size: from the same statistics, the simple gradient noise scale
+    :math:`B_{\text{simple}} = \operatorname{tr}\widehat\Sigma / (\|m\|^2 - \operatorname{tr}\widehat\Sigma/N)`
+    (``noise_scale``, :func:`pgvar.measure.gradient_noise_scale`) and the batch size the norm test asks for at
+    ``norm_test_theta``, :math:`\operatorname{tr}\widehat\Sigma / (\theta^2 \|m\|^2)`
+    (``norm_test_batch_size``, :func:`pgvar.measure.norm_test`). The mean per-coordinate GSNR is not logged: it
+    needs per-coordinate second moments, which neither route keeps.
+
+    Trust region: after a measured update (at the next ``on_rollout_start``, or at ``on_training_end`` after the
+    last update), one no-grad forward pass over the rollout's observations and actions, kept at
+    ``on_rollout_end``, gives :math:`\log\pi_{\text{new}}(a_i|s_i)`; against the buffer's ``log_probs`` (the
+    behaviour policy) :func:`pgvar.measure.trust_region_diagnostics` gives ``ess`` (normalized), ``max_ratio``,
+    ``kl_k1``, ``kl_k3`` and, for algorithms with a ``clip_range`` (PPO), ``clip_fraction``.
+
     Cost: one batched forward and backward over :math:`N` samples (``method="norms"``, the squared-norm trick
     of :func:`pgvar.measure.gradient_statistics_from_norms`) or a streamed ``vmap`` (``method="vmap"``), plus
     one backward per compared minibatch. The global RNGs are not touched: training with and without the
@@ -118,6 +145,7 @@ class GradientVarianceCallback(BaseCallback):
         pairwise cosine needs ``>= 2``)
     :param method: ``"auto"`` (the squared-norm trick, falling back to ``vmap`` when the policy has a layer the
         trick cannot handle), ``"norms"`` or ``"vmap"``
+    :param norm_test_theta: the norm test's tolerance :math:`\theta` (> 0) for ``norm_test_batch_size``
     :param seed: seed of the callback's own generator for drawing minibatches; ``None``: the model's seed
     :param verbose: 0 silent, 1 warnings about skipped measurements, 2 also a line per measurement
     :raises TypeError: at the start of ``learn()``, for a model that is not an on-policy algorithm (SAC, DQN, ...:
@@ -140,6 +168,7 @@ class GradientVarianceCallback(BaseCallback):
         method: str = "auto",
         seed: int | None = None,
         verbose: int = 0,
+        norm_test_theta: float = DEFAULT_NORM_TEST_THETA,
     ) -> None:
         super().__init__(verbose=verbose)
         self.every_n_updates = int(check_positive("every_n_updates", every_n_updates, integer=True))
@@ -150,6 +179,7 @@ class GradientVarianceCallback(BaseCallback):
             )
         self.n_minibatches = int(check_positive("n_minibatches", n_minibatches, integer=True))
         self.method = check_choice("method", method, METHODS)
+        self.norm_test_theta = float(check_positive("norm_test_theta", norm_test_theta))
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
         ):
@@ -164,6 +194,7 @@ class GradientVarianceCallback(BaseCallback):
         self._pending_norms: dict[int, Tensor] = {}
         self._step_norms: list[Tensor] = []
         self._capture_max_grad_norm = 0.0
+        self._rollout_snapshot: tuple[Tensor, Tensor, tuple[Tensor, ...]] | None = None
 
     # ------------------------------------------------------------------------------------------ SB3 hooks
     def _init_callback(self) -> None:
@@ -195,12 +226,17 @@ class GradientVarianceCallback(BaseCallback):
             return
         values = self.measure_policy_gradient()
         self._record(values)
+        self._snapshot_rollout()
         max_grad_norm = getattr(self.model, "max_grad_norm", None)
         if isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0:
             self._start_grad_norm_capture(float(max_grad_norm))
 
+    def _on_rollout_start(self) -> None:
+        self._record(self.measure_trust_region())
+
     def _on_training_end(self) -> None:
         self._finish_grad_norm_capture()
+        self._record(self.measure_trust_region())
 
     # ------------------------------------------------------------------------------ layout and sampling
     def actor_update_layout(self, model: Any) -> tuple[int, str]:
@@ -296,6 +332,8 @@ class GradientVarianceCallback(BaseCallback):
             KEY_NORM: stats.mean_norm,
             KEY_N_SAMPLES: float(n),
             KEY_BATCH_SIZE: float(batch_size),
+            KEY_NOISE_SCALE: gradient_noise_scale(stats).b_simple,
+            KEY_NORM_TEST_BATCH_SIZE: norm_test(stats, theta=self.norm_test_theta).batch_size,
         }
         if minibatch_grads is not None:
             values[KEY_COSINE_TO_BATCH] = float(np.mean([stats.cosine_to(g) for g in minibatch_grads]))
@@ -306,6 +344,51 @@ class GradientVarianceCallback(BaseCallback):
                 f"GradientVarianceCallback: update {self._n_rollouts}, N={n}, B={batch_size}, "
                 f"normalization={mode}, method={self._resolved_method}, tr={trace:.4g}, SNR={values[KEY_SNR]:.4g}"
             )
+        return values
+
+    def _snapshot_rollout(self) -> None:
+        """Keep the rollout's actions, observations and behaviour log-probs for :meth:`measure_trust_region`
+        (``RolloutBuffer.reset`` at the next rollout start discards them)."""
+        model: Any = self.model
+        buffer = model.rollout_buffer
+        device = model.policy.device
+        n_total = int(buffer.buffer_size * buffer.n_envs)
+        actions, *observations = self._policy_inputs(buffer, np.arange(n_total), device)
+        old_log_prob = torch.as_tensor(buffer_rows(buffer, "log_probs"), device=device).reshape(n_total)
+        self._rollout_snapshot = (old_log_prob, actions, tuple(observations))
+
+    def measure_trust_region(self) -> dict[str, float]:
+        """Trust-region diagnostics of the latest measured update on its rollout (``pgvar/ess`` ... keys).
+
+        One no-grad forward pass of the current (updated) policy over the rollout kept at ``on_rollout_end``;
+        the kept rollout is used once. Called by ``on_rollout_start`` and ``on_training_end``.
+
+        :return: key -> value; empty when no rollout is kept
+        """
+        if self._rollout_snapshot is None:
+            return {}
+        old_log_prob, actions, observations = self._rollout_snapshot
+        self._rollout_snapshot = None
+        model: Any = self.model
+        policy = model.policy
+        keys = _observation_keys(model.rollout_buffer)
+        obs: Any = dict(zip(keys, observations)) if keys is not None else observations[0]
+        was_training = policy.training
+        policy.set_training_mode(False)  # as in collect_rollouts, which computed the behaviour log-probs
+        try:
+            with torch.no_grad():
+                log_prob = policy_log_prob(policy, obs, actions)
+        finally:
+            policy.set_training_mode(was_training)
+        diagnostics = trust_region_diagnostics(log_prob, old_log_prob, clip_range=_clip_range(model))
+        values = {
+            KEY_ESS: diagnostics.effective_sample_size,
+            KEY_MAX_RATIO: diagnostics.max_ratio,
+            KEY_KL_K1: diagnostics.kl_k1,
+            KEY_KL_K3: diagnostics.kl_k3,
+        }
+        if diagnostics.clip_fraction is not None:
+            values[KEY_RATIO_CLIP_FRACTION] = diagnostics.clip_fraction
         return values
 
     def _policy_inputs(self, buffer: Any, kept: np.ndarray, device: torch.device) -> tuple[Tensor, ...]:
@@ -431,6 +514,16 @@ def _ratio(numerator: float, denominator: float) -> float:
     if denominator > 0:
         return numerator / denominator
     return math.inf if numerator > 0 else math.nan
+
+
+def _clip_range(model: Any) -> float | None:
+    """The algorithm's PPO clip range at the current progress (SB3 keeps a schedule), or ``None`` without one."""
+    clip = getattr(model, "clip_range", None)
+    if callable(clip):
+        clip = clip(getattr(model, "_current_progress_remaining", 1.0))
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
+        return float(clip)
+    return None
 
 
 def _observation_keys(buffer: Any) -> list[str] | None:

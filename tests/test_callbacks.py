@@ -20,7 +20,9 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
+from pgvar._sb3_policy import policy_log_prob
 from pgvar.callbacks import GradientVarianceCallback
+from pgvar.measure import trust_region_diagnostics
 
 TINY = {"net_arch": [16]}
 
@@ -103,7 +105,7 @@ def update_batch_size(model) -> int:
     return n_total
 
 
-def brute_force_values(model, capture, n_minibatches) -> dict[str, float]:
+def brute_force_values(model, capture, n_minibatches, theta=0.9) -> dict[str, float]:
     """The callback's pgvar/pg_grad_* and pgvar/minibatch_* values, by one backward per sample (float64 stats)."""
     policy = capture["policy"]
     batch_size = update_batch_size(model)
@@ -167,6 +169,10 @@ def brute_force_values(model, capture, n_minibatches) -> dict[str, float]:
         "pgvar/pg_grad_norm": math.sqrt(mean_sq),
         "pgvar/pg_grad_n_samples": float(n),
         "pgvar/pg_grad_batch_size": float(batch_size),
+        # McCandlish et al.'s B_simple = tr(Sigma) / |G|^2 with |G|^2 = |m|^2 - tr/N; Byrd et al.'s norm test.
+        # (inf when the batch cannot tell the gradient from noise, |G|^2 estimate <= 0).
+        "pgvar/noise_scale": trace / (mean_sq - trace / n) if mean_sq - trace / n > 0 else math.inf,
+        "pgvar/norm_test_batch_size": trace / (theta**2 * mean_sq),
         "pgvar/minibatch_cosine_to_batch": float(np.mean(cosines_to_batch)),
     }
     if pairwise:
@@ -209,8 +215,18 @@ def test_logged_statistics_equal_brute_force(case):
         assert got["pgvar/pg_grad_n_samples"] == n_expected
         assert set(got) == set(expected)
         for key, value in expected.items():
-            # float32 gradients vs the float64 loop; the debiased SNR is a difference, compare it on the SNR scale.
-            scale = abs(expected["pgvar/pg_grad_snr"]) if key == "pgvar/pg_grad_snr_debiased" else abs(value)
+            # float32 gradients vs the float64 loop; the debiased SNR and B_simple carry a difference: compare
+            # them on the scale of the plug-in quantities.
+            scale = abs(value)
+            if key == "pgvar/pg_grad_snr_debiased":
+                scale = abs(expected["pgvar/pg_grad_snr"])
+            if key == "pgvar/noise_scale":
+                scale = abs(value) * max(
+                    1.0, abs(expected["pgvar/pg_grad_snr"] / expected["pgvar/pg_grad_snr_debiased"])
+                )
+            if math.isinf(value):
+                assert got[key] == value, (key, got[key], value)
+                continue
             assert abs(got[key] - value) <= 1e-4 * scale + 1e-6, (key, got[key], value)
     # ... and the latest measurement is what went to the logger.
     for key, value in callback.captures[-1]["values"].items():
@@ -421,3 +437,101 @@ def test_off_policy_model_is_refused_at_init_with_a_clear_error(algo_name):
     with pytest.raises(TypeError, match=f"on-policy algorithm.*got {algo_name}, an off-policy algorithm"):
         model.learn(4, callback=GradientVarianceCallback())
     assert model.num_timesteps == 0
+
+
+def test_norm_test_theta_option_scales_the_batch_size():
+    values = []
+    for theta in (0.9, 0.45):
+        model = make_model(PPO, "CartPole-v1")
+        callback = GradientVarianceCallback(max_samples=32, norm_test_theta=theta)
+        model.learn(model.n_steps, callback=callback)
+        values.append(callback.last_values["pgvar/norm_test_batch_size"])
+    assert GradientVarianceCallback().norm_test_theta == 0.9  # pgvar.measure.norm_test's default
+    assert values[1] == pytest.approx(4 * values[0], rel=1e-9)
+    with pytest.raises(ValueError, match="norm_test_theta"):
+        GradientVarianceCallback(norm_test_theta=0.0)
+
+
+class RolloutKeepingCallback(GradientVarianceCallback):
+    """Keeps a copy of each measured rollout's observations, actions and behaviour log-probs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rollouts: list[dict] = []
+        self.trust_values: list[dict] = []
+
+    def _on_rollout_end(self):
+        buffer = self.model.rollout_buffer
+        observations = buffer.observations
+        self.rollouts.append(
+            {
+                "observations": (
+                    {key: swap_and_flatten(value).copy() for key, value in observations.items()}
+                    if isinstance(observations, dict)
+                    else swap_and_flatten(observations).copy()
+                ),
+                "actions": swap_and_flatten(buffer.actions).copy(),
+                "log_probs": swap_and_flatten(buffer.log_probs).copy().reshape(-1),
+            }
+        )
+        super()._on_rollout_end()
+
+    def measure_trust_region(self):
+        values = super().measure_trust_region()
+        if values:
+            self.trust_values.append(values)
+        return values
+
+
+@pytest.mark.parametrize(
+    ("algo", "env_id"),
+    [(PPO, "CartPole-v1"), (PPO, "DictCartPole"), (A2C, "Pendulum-v1"), (TRPO, "CartPole-v1")],
+)
+def test_trust_region_values_equal_the_library_on_log_probs_recomputed_after_learn(algo, env_id):
+    model = make_model(algo, env_id, n_envs=2, n_steps=32)
+    callback = RolloutKeepingCallback(max_samples=32)
+    model.learn(2 * model.n_steps * model.n_envs, callback=callback)
+    assert len(callback.rollouts) == 2 and len(callback.trust_values) == 2  # the last one at training end
+    rollout = callback.rollouts[-1]
+    if isinstance(rollout["observations"], dict):
+        observations = {k: torch.as_tensor(v) for k, v in rollout["observations"].items()}
+    else:
+        observations = torch.as_tensor(rollout["observations"])
+    model.policy.set_training_mode(False)
+    with torch.no_grad():
+        log_prob = policy_log_prob(model.policy, observations, torch.as_tensor(rollout["actions"]))
+    clip = model.clip_range(model._current_progress_remaining) if algo is PPO else None
+    expected = trust_region_diagnostics(log_prob, torch.as_tensor(rollout["log_probs"]), clip_range=clip)
+    got = callback.trust_values[-1]
+    assert got == pytest.approx(
+        {
+            "pgvar/ess": expected.effective_sample_size,
+            "pgvar/max_ratio": expected.max_ratio,
+            "pgvar/kl_k1": expected.kl_k1,
+            "pgvar/kl_k3": expected.kl_k3,
+            **({} if clip is None else {"pgvar/clip_fraction": expected.clip_fraction}),
+        },
+        rel=1e-9,
+        abs=1e-12,
+    )
+    assert got["pgvar/kl_k3"] > 0  # the update moved the policy
+    for key, value in got.items():
+        assert callback.last_values[key] == value
+
+
+@pytest.mark.parametrize("algo", [PPO, A2C, TRPO])
+def test_new_keys_reach_the_csv_logger(algo, tmp_path):
+    model = make_model(algo, "CartPole-v1")
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(3 * model.n_steps, callback=GradientVarianceCallback(), log_interval=1)
+    rows = read_csv(tmp_path / "progress.csv")
+    keys = ["pgvar/noise_scale", "pgvar/norm_test_batch_size"]
+    for key in keys:
+        assert all(row[key] != "" for row in rows), key
+    # the update of rollout k is diagnosed at the start of rollout k + 1, so it is dumped with row k + 1
+    trust = ["pgvar/ess", "pgvar/max_ratio", "pgvar/kl_k1", "pgvar/kl_k3"]
+    trust += ["pgvar/clip_fraction"] if algo is PPO else []
+    for key in trust:
+        assert [row.get(key, "") != "" for row in rows] == [False, True, True], key
+        assert math.isfinite(float(rows[-1][key])), key
+    assert ("pgvar/clip_fraction" in rows[-1]) == (algo is PPO)
