@@ -27,7 +27,7 @@ from pgvar._validation import check_choice, check_positive
 from pgvar.experiments.config import SweepConfig, UnitSpec
 from pgvar.experiments.unit import read_json, run_unit_safely, unit_folder, write_json
 
-__all__ = ["BACKENDS", "SweepProgress", "run_sweep"]
+__all__ = ["BACKENDS", "SweepProgress", "map_jobs", "run_sweep"]
 
 BACKENDS = ("local", "ray")
 
@@ -106,8 +106,11 @@ def run_sweep(
     if not pending:
         return state
 
-    def record(result: dict[str, Any]) -> None:
-        state.running = max(state.running - 1, 0)
+    n_workers = workers or os.cpu_count() or 1
+    state.running = min(n_workers, len(pending))
+
+    def record(_: int, result: dict[str, Any]) -> None:
+        state.running = min(n_workers, len(pending) - (state.finished - state.skipped) - 1)
         if result.get("status") == "done":
             state.done += 1
             folder = results / "units" / result["unit_id"]
@@ -120,37 +123,33 @@ def run_sweep(
         if progress is not None:
             progress(state)
 
-    n_workers = workers or os.cpu_count() or 1
     jobs = [(unit.to_json(), str(results)) for unit in pending]
-    if backend == "local":
-        _run_local(jobs, n_workers, state, record)
-    else:
-        _run_ray(jobs, n_workers, address, state, record)
+    map_jobs(run_unit_safely, jobs, backend=backend, workers=n_workers, address=address, on_result=record)
     return state
 
 
-def _run_local(
-    jobs: list[tuple[dict[str, Any], str]], workers: int, state: SweepProgress, record: Any
-) -> None:
-    # spawn, not fork: a forked torch/OpenMP runtime can deadlock, and spawn behaves the same on every OS
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)), mp_context=context
-    ) as pool:
-        futures = [pool.submit(run_unit_safely, *job) for job in jobs]
-        state.running = min(workers, len(jobs))
-        for future in concurrent.futures.as_completed(futures):
-            record(future.result())
-            state.running = min(workers, len(jobs) - state.finished + state.skipped)
-
-
-def _run_ray(
-    jobs: list[tuple[dict[str, Any], str]],
+def map_jobs(
+    function: Callable[..., Any],
+    jobs: list[tuple[Any, ...]],
+    *,
+    backend: str,
     workers: int,
-    address: str | None,
-    state: SweepProgress,
-    record: Any,
+    address: str | None = None,
+    on_result: Callable[[int, Any], None],
 ) -> None:
+    """Run ``function(*job)`` for every job on ``backend`` and call ``on_result(index, result)`` as each finishes.
+
+    ``"local"``: a pool of ``spawn`` processes (a forked torch/OpenMP runtime can deadlock, and spawn behaves the
+    same on every OS). ``"ray"``: one CPU per job on the cluster at ``address``, or on a local Ray started with
+    ``workers`` CPUs (and shut down afterwards). ``function`` must be importable by the workers.
+    """
+    if backend == "local":
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+            futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
+            for future in concurrent.futures.as_completed(futures):
+                on_result(futures[future], future.result())
+        return
     try:
         import ray
     except ImportError:
@@ -162,13 +161,12 @@ def _run_ray(
         else:
             ray.init(address=address, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(run_unit_safely)
-        refs = [remote.remote(*job) for job in jobs]
-        state.running = min(workers, len(jobs))
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            record(ray.get(ready[0]))
-            state.running = min(workers, len(refs))
+        remote = ray.remote(num_cpus=1, max_retries=0)(function)
+        refs = {remote.remote(*job): index for index, job in enumerate(jobs)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            on_result(refs[ready[0]], ray.get(ready[0]))
     finally:
         if started_here:
             ray.shutdown()

@@ -15,10 +15,8 @@ pickling; every worker uses one torch thread.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 
 from pgvar._sb3_policy import detached_policy_copy
 from pgvar._validation import check_choice, check_positive
+from pgvar.experiments.backends import map_jobs
 
 __all__ = ["DECOMPOSITION_ALGORITHMS", "DecompositionRun", "decompose_training"]
 
@@ -108,35 +107,15 @@ def _run_batches(jobs: list[tuple[Any, ...]], backend: str, workers: int, addres
         finally:
             torch.set_num_threads(threads)
         return results
-    if backend == "local":
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-            futures = {pool.submit(_sample_batch, *job): index for index, job in enumerate(jobs)}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                results[futures[future]] = future.result()
-                report(done)
-        return results
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("backend='ray' needs Ray: pip install 'pgvar[sweep]' (or 'ray>=2.9')") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(_sample_batch)
-        refs = {remote.remote(*job): index for index, job in enumerate(jobs)}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            results[refs[ready[0]]] = ray.get(ready[0])
-            report(len(jobs) - len(pending))
-    finally:
-        if started_here:
-            ray.shutdown()
+    done = 0
+
+    def collect(index: int, result: Any) -> None:
+        nonlocal done
+        results[index] = result
+        done += 1
+        report(done)
+
+    map_jobs(_sample_batch, jobs, backend=backend, workers=workers, address=address, on_result=collect)
     return results
 
 
