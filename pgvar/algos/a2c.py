@@ -12,6 +12,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from pgvar.algos._mixin import OnPolicyEstimatorMixin
 from pgvar.algos._save import SaveLoadMixin
+from pgvar.algos.reference import REFERENCE_PARAMETERS
 
 __all__ = ["A2C"]
 
@@ -37,24 +38,11 @@ class A2C(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.A2C):
         mean. ``"optimal"``: ``G_t`` minus the variance-optimal constant ``b* = E[||g||^2 G] / E[||g||^2]``
         (Greensmith et al. 2004) with per-sample score norms over the actor's parameters. The value function is
         trained on the TD(lambda) returns whatever the baseline.
-    :param ref_policy: regularize toward a frozen reference policy (:mod:`pgvar.algos.reference`, off by default):
-        ``"initial"`` (a frozen copy of the initial policy), the path of a saved model, or an SB3 policy object
-        (copied and frozen); its spaces must be the model's. The ``ref_*`` options below act only with it.
-    :param ref_regularizer: ``"kl"`` (default), ``"chi2"``, ``"sqrt_chi2"`` (``ref_placement="loss"`` only) or
-        ``"odds_ratio_cap"`` (hinge on ``log pi/pi_ref - log ref_cap``)
-    :param ref_coef: the coefficient ``>= 0`` (default 0.1), or ``"adaptive"`` (the RLHF KL controller, starting at
-        0.2, driven toward ``ref_target`` with horizon ``ref_horizon`` transitions)
-    :param ref_target: the target divergence of ``ref_coef="adaptive"`` (> 0)
-    :param ref_estimator: ``"k1"`` (the per-step penalty at the sampled action; the default and the only choice in
-        the reward, where k1 gives the exact gradient of the KL-regularized return), ``"exact"`` (closed-form
-        divergence per state, Categorical and diagonal Gaussian; the default in the loss) or ``"k3"`` (loss, KL)
-    :param ref_placement: ``"reward"`` (default: subtract ``ref_coef`` times the penalty from the rewards before
-        GAE) or ``"loss"`` (add ``ref_coef`` times the mean divergence to the policy loss)
-    :param ref_cap: the odds-ratio cap ``c >= 1`` of ``ref_regularizer="odds_ratio_cap"`` (default 2)
-    :param ref_horizon: the adaptive coefficient's horizon in transitions (> 0, default 10000)
     :param gamma: discount factor in ``[0, 1]`` (``ValueError`` otherwise)
     :param gae_lambda: GAE trace decay in ``[0, 1]`` (``ValueError`` otherwise)
     """
+
+    __doc__ = f"{__doc__}{REFERENCE_PARAMETERS}"
 
     def __init__(
         self,
