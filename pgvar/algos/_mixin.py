@@ -22,6 +22,10 @@ The ``ref_*`` options (regularization toward a frozen reference policy) come fro
 :class:`~pgvar.algos.reference.ReferenceOptionsMixin`: ``_init_reference_options`` in ``__init__``, the reference
 built at the end of ``_setup_model`` and ``train()`` run through ``_train_with_reference``.
 
+``baseline="horizon"`` (the horizon-aware value of Tucker et al. 2018, :mod:`pgvar.algos.horizon_value`) replaces
+the policy's ``value_net`` in ``_setup_model``, counts the in-episode step index of every environment in
+``collect_rollouts`` (``_horizon_timesteps``, saved with the model) and hands the buffer the functions it needs.
+
 The mixin also brings :class:`~pgvar.algos._checks.RolloutChecksMixin`: ``learn(total_timesteps)`` is checked and
 every observation the environments return must be finite.
 """
@@ -35,6 +39,9 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.vec_env import VecEnv
 
 from pgvar._sb3_policy import (
     actor_parameter_names,
@@ -42,13 +49,21 @@ from pgvar._sb3_policy import (
     log_prob_loss,
     preprocess_actor_observations,
 )
-from pgvar._validation import check_choice, check_unit_interval
+from pgvar._validation import check_choice, check_positive, check_unit_interval
 from pgvar.algos._checks import RolloutChecksMixin, check_sb3_arguments
 from pgvar.algos.buffers import (
     BASELINES,
     EstimatorBufferMixin,
     EstimatorDictRolloutBuffer,
     EstimatorRolloutBuffer,
+    QPropBufferMixin,
+)
+from pgvar.algos.horizon_value import (
+    EpisodeStepCounter,
+    HorizonValueNet,
+    attach_horizon_value,
+    env_time_limit,
+    horizon_values_fn,
 )
 from pgvar.algos.reference import ReferenceOptionsMixin
 from pgvar.estimators import NORMALIZATION_MODES
@@ -75,15 +90,19 @@ def advantage_normalization_mode(normalize_advantage: bool | str) -> str:
 class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
     """Adds ``baseline`` and the ``normalize_advantage`` modes to an SB3 on-policy algorithm (see module doc).
 
-    Attributes set here (saved with the model): ``baseline`` (``"value"``, ``"none"``, ``"mean"`` or
-    ``"optimal"``), ``advantage_normalization`` (``"minibatch"``, ``"batch"`` or ``"none"``) and SB3's flag
-    ``normalize_advantage`` (a bool, ``True`` only for ``"minibatch"``: whether SB3's ``train()`` normalizes each
-    minibatch).
+    Attributes set here (saved with the model): ``baseline`` (``"value"``, ``"none"``, ``"mean"``,
+    ``"optimal"`` or ``"horizon"``), ``advantage_normalization`` (``"minibatch"``, ``"batch"`` or ``"none"``),
+    SB3's flag ``normalize_advantage`` (a bool, ``True`` only for ``"minibatch"``: whether SB3's ``train()``
+    normalizes each minibatch), and for ``baseline="horizon"`` ``horizon_time_limit`` (the time limit ``T``,
+    resolved from the environment when not given) and ``_horizon_timesteps`` (each environment's in-episode step
+    index).
     """
 
     baseline: str
     advantage_normalization: str
     normalize_advantage: bool
+    horizon_time_limit: int | None
+    _horizon_timesteps: np.ndarray | None
 
     # ------------------------------------------------------------------------------------------ options
     def _init_estimator_options(
@@ -93,6 +112,7 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
         gae_lambda: float,
         baseline: str,
         normalize_advantage: bool | str,
+        horizon_time_limit: int | None = None,
         **sb3_arguments: Any,
     ) -> bool:
         """Validate the estimator arguments and ``sb3_arguments`` (SB3 arguments SB3 does not check:
@@ -102,6 +122,8 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
         check_unit_interval("gae_lambda", gae_lambda)
         check_sb3_arguments(**sb3_arguments)
         self.baseline = check_choice("baseline", baseline, BASELINES)
+        self.horizon_time_limit = _check_horizon_time_limit(horizon_time_limit, self.baseline)
+        self._horizon_timesteps = None
         self.advantage_normalization = advantage_normalization_mode(normalize_advantage)
         if self.baseline in ("mean", "optimal") and self.advantage_normalization != "none":
             warnings.warn(
@@ -122,6 +144,7 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
         check_unit_interval("gamma", self.gamma)
         check_unit_interval("gae_lambda", self.gae_lambda)
         self.baseline = check_choice("baseline", getattr(self, "baseline", "value"), BASELINES)
+        self.horizon_time_limit = _check_horizon_time_limit(getattr(self, "horizon_time_limit", None), self.baseline)
         requested = self.normalize_advantage
         mode = getattr(self, "advantage_normalization", "minibatch")
         if isinstance(requested, str):
@@ -145,6 +168,8 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
                 "baseline": self.baseline,
                 "normalize_batch": self.advantage_normalization == "batch",
             }
+            if self.baseline == "horizon":
+                self.rollout_buffer_kwargs["horizon"] = self._resolve_time_limit()
         try:
             super()._setup_model()
         finally:  # what is saved is what the user asked for (SB3's own None, so SB3 can load the file)
@@ -153,6 +178,8 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
             assert isinstance(self.rollout_buffer, EstimatorBufferMixin)
             self.rollout_buffer.score_sq_norms_fn = self._score_sq_norms
             self._check_score_sq_norms_supported()
+        if self.baseline == "horizon":
+            self._setup_horizon_value()
         self._setup_reference()
 
     def _estimator_buffer_class(self) -> type[RolloutBuffer] | None:
@@ -184,6 +211,68 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
                 "EstimatorDictRolloutBuffer), or rollout_buffer_class=None"
             )
         return None
+
+    # ------------------------------------------------------------------------ horizon-aware value
+    def _resolve_time_limit(self) -> int:
+        """``T`` for ``baseline="horizon"``: ``horizon_time_limit``, else the env's ``spec.max_episode_steps``
+        (stored in ``horizon_time_limit``, so a loaded model keeps it)."""
+        if self.horizon_time_limit is None:
+            limit = None if self.env is None else env_time_limit(self.env)
+            if limit is None:
+                where = "no env was given" if self.env is None else "env.spec.max_episode_steps is None"
+                raise ValueError(
+                    f"baseline='horizon' needs the environment's time limit T, and {where}: wrap the environment in "
+                    "a gymnasium TimeLimit (gymnasium.make(..., max_episode_steps=T)) or pass horizon_time_limit=T"
+                )
+            self.horizon_time_limit = limit
+        return self.horizon_time_limit
+
+    def _setup_horizon_value(self) -> None:
+        """Give the policy its horizon-aware value net and the buffer the functions it calls."""
+        if isinstance(self.rollout_buffer, QPropBufferMixin):
+            raise ValueError(
+                f"baseline='horizon' is supported by pgvar's PPO, A2C and TRPO, not by {type(self).__name__} (its "
+                "train() computes values of its own); use baseline='value'"
+            )
+        assert self.horizon_time_limit is not None and isinstance(self.rollout_buffer, EstimatorBufferMixin)
+        value_net = attach_horizon_value(
+            self.policy, horizon=self.horizon_time_limit, gamma=self.gamma, learning_rate=self.lr_schedule(1)
+        )
+        self.rollout_buffer.horizon_values_fn = horizon_values_fn(self.policy, value_net)  # type: ignore[arg-type]
+        self.rollout_buffer.sample_timesteps_fn = lambda timesteps: setattr(value_net, "timesteps", timesteps)
+
+    def _horizon_value_net(self) -> HorizonValueNet | None:
+        value_net = getattr(self.policy, "value_net", None)
+        return value_net if isinstance(value_net, HorizonValueNet) else None
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        resets = reset_num_timesteps or self._last_obs is None
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if self.baseline == "horizon":
+            counts = getattr(self, "_horizon_timesteps", None)
+            if resets or counts is None or np.shape(counts) != (self.n_envs,):
+                self._horizon_timesteps = np.zeros(self.n_envs, dtype=np.int64)
+            else:
+                self._horizon_timesteps = np.asarray(counts, dtype=np.int64)
+        return result
+
+    def collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        """SB3's ``collect_rollouts``; with ``baseline="horizon"`` each step's ``t`` is counted and recorded."""
+        value_net = self._horizon_value_net()
+        if value_net is not None and self._horizon_timesteps is not None:
+            value_net.timesteps = None  # SB3's calls while collecting get V0; the buffer recomputes V(s, t)
+            assert isinstance(rollout_buffer, EstimatorBufferMixin)
+            callback = EpisodeStepCounter(callback, self._horizon_timesteps, rollout_buffer)
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     # --------------------------------------------------------------------- variance-optimal baseline
     def _score_sq_norms(self, observations: np.ndarray | dict[str, np.ndarray], actions: np.ndarray) -> th.Tensor:
@@ -235,7 +324,24 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
-        self._train_with_reference(super().train)
+        try:
+            self._train_with_reference(super().train)
+        finally:
+            value_net = self._horizon_value_net()
+            if value_net is not None:  # the step indices of the last minibatch
+                value_net.timesteps = None
         constant_baseline = getattr(self.rollout_buffer, "constant_baseline", None)
         if constant_baseline is not None:
             self.logger.record("pgvar/constant_baseline", constant_baseline)
+
+
+def _check_horizon_time_limit(horizon_time_limit: Any, baseline: str) -> int | None:
+    """``horizon_time_limit`` as an int (or ``None``); only ``baseline="horizon"`` takes one."""
+    if horizon_time_limit is None:
+        return None
+    if baseline != "horizon":
+        raise ValueError(
+            f"horizon_time_limit={horizon_time_limit!r} is the time limit of baseline='horizon' and has no effect with "
+            f"baseline={baseline!r}; drop it or pass baseline='horizon'"
+        )
+    return int(check_positive("horizon_time_limit", horizon_time_limit, integer=True))

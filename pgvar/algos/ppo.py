@@ -38,7 +38,14 @@ class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO):
         ``b* = E[||g||^2 G] / E[||g||^2]`` (Greensmith et al. 2004), with per-sample score norms
         ``||grad_theta log pi(a|s)||^2`` over the actor's parameters (policies built from ``nn.Linear`` layers;
         another policy raises ``ValueError`` at construction if its per-sample gradients cannot be computed).
-        The value function is trained on the TD(lambda) returns whatever the baseline.
+        ``"horizon"``: GAE(gamma, gae_lambda) advantages with the horizon-aware value of Tucker et al. (2018,
+        Sec. 6), ``V(s, t) = V0(s) + (1 - gamma^(T - t)) / (1 - gamma) * r_bar(s)``, ``t`` the step index within
+        the episode and ``T`` the time limit: a second head ``r_bar`` on the value torso (SB3's ``ActorCriticPolicy``
+        and its MlpPolicy / CnnPolicy / MultiInputPolicy), and the end at the time limit is a termination
+        (:mod:`pgvar.algos.horizon_value`). The value function is trained on the TD(lambda) returns whatever the
+        baseline.
+    :param horizon_time_limit: ``T`` for ``baseline="horizon"`` (``None``: the environment's
+        ``spec.max_episode_steps``; ``ValueError`` when that is unknown too, or when given with another baseline)
     :param gamma: discount factor in ``[0, 1]`` (``ValueError`` otherwise)
     :param gae_lambda: GAE trace decay in ``[0, 1]`` (``ValueError`` otherwise)
     """
@@ -75,6 +82,7 @@ class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO):
         _init_setup_model: bool = True,
         *,
         baseline: str = "value",
+        horizon_time_limit: int | None = None,
         ref_policy: Any = None,
         ref_regularizer: str = "kl",
         ref_coef: float | str = 0.1,
@@ -90,6 +98,7 @@ class PPO(SaveLoadMixin, OnPolicyEstimatorMixin, stable_baselines3.PPO):
         )
         normalize_minibatches = self._init_estimator_options(
             gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage,
+            horizon_time_limit=horizon_time_limit,
             learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
             clip_range=clip_range, ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm, target_kl=target_kl,
         )
