@@ -238,7 +238,7 @@ class OnPolicyEstimatorMixin(RolloutChecksMixin, ReferenceOptionsMixin):
         value_net = attach_horizon_value(
             self.policy, horizon=self.horizon_time_limit, gamma=self.gamma, learning_rate=self.lr_schedule(1)
         )
-        self.rollout_buffer.horizon_values_fn = horizon_values_fn(self.policy, value_net)  # type: ignore[arg-type]
+        self.rollout_buffer.horizon_values_fn = horizon_values_fn(self.policy, value_net)
         self.rollout_buffer.sample_timesteps_fn = lambda timesteps: setattr(value_net, "timesteps", timesteps)
 
     def _horizon_value_net(self) -> HorizonValueNet | None:

@@ -24,7 +24,7 @@ estimators' one and calls them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -244,7 +244,7 @@ class EstimatorBufferMixin:
         self.rewards = (rewards + self.gamma * th.where(truncated, next_values, 0.0)).numpy()
         return rewards, values, next_values, terminated, truncated
 
-    def get(self, batch_size: int | None = None) -> Iterator[Any]:
+    def get(self, batch_size: int | None = None) -> Generator[Any, None, None]:
         if self.baseline == "horizon" and not self.generator_ready:  # type: ignore[attr-defined]
             self.timesteps = self.swap_and_flatten(self.timesteps)  # type: ignore[attr-defined]
         yield from super().get(batch_size)  # type: ignore[misc]
@@ -335,26 +335,26 @@ class QPropBufferMixin(EstimatorBufferMixin):
         super().__init__(*args, normalize_batch=False, **kwargs)
 
     def reset(self) -> None:
-        super().reset()  # type: ignore[misc]
+        super().reset()
         self.qprop_etas = np.zeros((self.buffer_size, self.n_envs), dtype=np.float32)
 
-    def get(self, batch_size: int | None = None) -> Iterator[Any]:
+    def get(self, batch_size: int | None = None) -> Generator[Any, None, None]:
         if not self.generator_ready:  # type: ignore[attr-defined]
             self.qprop_etas = self.swap_and_flatten(self.qprop_etas)  # type: ignore[attr-defined]
-        yield from super().get(batch_size)  # type: ignore[misc]
+        yield from super().get(batch_size)
 
     def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> Any:
-        samples: Any = super()._get_samples(batch_inds, env)  # type: ignore[misc]
+        samples: Any = super()._get_samples(batch_inds, env)
         etas = self.to_torch(self.qprop_etas[batch_inds].flatten())  # type: ignore[attr-defined]
         if isinstance(samples.observations, dict):
             return QPropDictRolloutBufferSamples._make((*samples, etas))
         return QPropRolloutBufferSamples._make((*samples, etas))
 
 
-class QPropRolloutBuffer(QPropBufferMixin, EstimatorRolloutBuffer):  # type: ignore[misc]
+class QPropRolloutBuffer(QPropBufferMixin, EstimatorRolloutBuffer):
     """:class:`EstimatorRolloutBuffer` with the per-step Q-Prop :math:`\\eta` (see :class:`QPropBufferMixin`)."""
 
 
-class QPropDictRolloutBuffer(QPropBufferMixin, EstimatorDictRolloutBuffer):  # type: ignore[misc]
+class QPropDictRolloutBuffer(QPropBufferMixin, EstimatorDictRolloutBuffer):
     """:class:`EstimatorDictRolloutBuffer` (dict observations) with the per-step Q-Prop :math:`\\eta`."""
 

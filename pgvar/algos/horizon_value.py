@@ -125,8 +125,8 @@ def attach_horizon_value(policy: nn.Module, *, horizon: int, gamma: float, learn
     nn.init.zeros_(r_bar.weight)
     nn.init.zeros_(r_bar.bias)
     net = HorizonValueNet(value_net, r_bar, horizon=horizon, gamma=gamma)
-    policy.value_net = net
-    policy.optimizer = policy.optimizer_class(policy.parameters(), lr=learning_rate, **policy.optimizer_kwargs)
+    policy.value_net = net  # type: ignore[assignment]
+    policy.optimizer = policy.optimizer_class(policy.parameters(), lr=learning_rate, **policy.optimizer_kwargs)  # type: ignore[call-arg]
     return net
 
 

@@ -1,6 +1,10 @@
 """Returns and advantages inside a real learn(): every baseline x normalization against a plain-loop reference
 built from the RAW environment data (raw rewards, terminations, truncations and the final observations' values),
-not from SB3's folded storage, so the storage-convention conversion is tested too (SB3's test_gae.py pattern)."""
+not from SB3's folded storage, so the storage-convention conversion is tested too (SB3's test_gae.py pattern).
+
+For ``baseline="horizon"`` the reference also counts each environment's in-episode step ``t`` itself and evaluates
+the horizon-aware value ``V0(s) + (1 - gamma^(T - t)) / (1 - gamma) r_bar(s)`` row by row from the two heads; the
+end at the time limit ``T`` is a termination."""
 
 from __future__ import annotations
 
@@ -28,30 +32,60 @@ class RawRolloutRecorder(BaseCallback):
         self.checked_rollouts = 0
         self.last_reference_baseline: float | None = None
 
+    def _on_training_start(self) -> None:
+        self.counts = np.zeros(self.model.n_envs, dtype=np.int64)  # in-episode step index (baseline="horizon")
+
     def _on_rollout_start(self) -> None:
         self.raw_rewards, self.terminated, self.truncated, self.final_values = [], [], [], []
+        self.timesteps, self.observations = [], []
+
+    def value(self, observation, t: int | None) -> float:
+        """V(s) of one observation through SB3's predict_values, or for baseline="horizon" the loop reference
+        V0(s) + (1 - gamma^(T - t)) / (1 - gamma) r_bar(s) from the two heads."""
+        policy = self.model.policy
+        obs = policy.obs_to_tensor(observation)[0]
+        with torch.no_grad():
+            if t is None:
+                return float(policy.predict_values(obs))
+            latent = policy.mlp_extractor.forward_critic(policy.extract_features(obs, policy.vf_features_extractor))
+            v0, r_bar = float(policy.value_net.v0(latent)), float(policy.value_net.r_bar(latent))
+        gamma, horizon = self.model.gamma, self.model.horizon_time_limit
+        factor = (1 - gamma ** (horizon - t)) / (1 - gamma) if gamma < 1 else horizon - t
+        return v0 + factor * r_bar
 
     def _on_step(self) -> bool:
         # on_step runs before SB3 adds gamma * V(final obs) to the rewards array in place: copy it now.
         rewards, dones, infos = self.locals["rewards"], self.locals["dones"], self.locals["infos"]
+        horizon = self.model.baseline == "horizon"
         self.raw_rewards.append(np.array(rewards, dtype=np.float64))
         truncated = np.array([bool(d and info.get("TimeLimit.truncated", False)) for d, info in zip(dones, infos)])
-        self.truncated.append(truncated)
-        self.terminated.append(np.asarray(dones, dtype=bool) & ~truncated)
+        at_horizon = self.counts + 1 == self.model.horizon_time_limit if horizon else np.zeros_like(truncated)
+        self.truncated.append(truncated & ~at_horizon)
+        self.terminated.append((np.asarray(dones, dtype=bool) & ~truncated) | at_horizon)
+        self.timesteps.append(self.counts.copy())
+        self.observations.append(self.locals["obs_tensor"].cpu().numpy().copy())
         final_values = np.zeros(len(dones))
         for i, info in enumerate(infos):
-            if truncated[i]:
-                obs = self.model.policy.obs_to_tensor(info["terminal_observation"])[0]
-                with torch.no_grad():
-                    final_values[i] = float(self.model.policy.predict_values(obs))
+            if truncated[i] and not at_horizon[i]:
+                final_values[i] = self.value(info["terminal_observation"], self.counts[i] + 1 if horizon else None)
         self.final_values.append(final_values)
+        self.counts = np.where(dones, 0, self.counts + 1)
         return True
 
     def _on_rollout_end(self) -> None:
         model, buffer = self.model, self.model.rollout_buffer
-        last_values = self.locals["values"].detach().cpu().numpy().astype(np.float64).reshape(-1)
         rewards, term, trunc = np.array(self.raw_rewards), np.array(self.terminated), np.array(self.truncated)
         final_values, values = np.array(self.final_values), buffer.values.astype(np.float64)
+        if model.baseline == "horizon":  # the buffer's values and t against the loop reference
+            timesteps, observations = np.array(self.timesteps), self.observations
+            np.testing.assert_array_equal(buffer.timesteps, timesteps)
+            np.testing.assert_array_equal(model._horizon_timesteps, self.counts)
+            reference = [[self.value(obs[i], t[i]) for i in range(len(t))] for obs, t in zip(observations, timesteps)]
+            np.testing.assert_allclose(values, reference, rtol=1e-5, atol=1e-5)
+            new_obs = self.locals["new_obs"]
+            last_values = np.array([self.value(new_obs[i], self.counts[i]) for i in range(len(self.counts))])
+        else:
+            last_values = self.locals["values"].detach().cpu().numpy().astype(np.float64).reshape(-1)
         gamma, lam = model.gamma, model.gae_lambda
         steps, n_envs = rewards.shape
 
@@ -70,7 +104,7 @@ class RawRolloutRecorder(BaseCallback):
                 gae[t, i] = rewards[t, i] + gamma * next_value - values[t, i] + gamma * lam * next_gae
 
         np.testing.assert_allclose(buffer.returns, gae + values, rtol=1e-5, atol=1e-5)  # value targets: TD(lambda)
-        if model.baseline == "value":
+        if model.baseline in ("value", "horizon"):
             advantages, baseline = gae, None
         else:
             if model.baseline == "optimal":
@@ -128,7 +162,7 @@ def test_every_baseline_matches_the_loop_reference(make_short_env, baseline, nor
     assert isinstance(model.rollout_buffer, EstimatorRolloutBuffer)
     # "batch" is done once in the buffer, so SB3's per-minibatch normalization in train() is off.
     assert model.normalize_advantage is False
-    if baseline == "value":
+    if baseline in ("value", "horizon"):
         assert "pgvar/constant_baseline" not in model.logger.name_to_value
     else:
         assert model.logger.name_to_value["pgvar/constant_baseline"] == pytest.approx(
@@ -206,3 +240,16 @@ def test_standalone_buffer_needs_a_score_function_for_the_optimal_baseline():
         buffer.compute_returns_and_advantage(torch.zeros(1), np.zeros(1, dtype=bool))
     with pytest.raises(ValueError, match="baseline must be one of"):
         EstimatorRolloutBuffer(4, spaces.Box(-1, 1, (3,)), spaces.Discrete(2), baseline="median")
+
+
+@pytest.mark.parametrize("algo_class", [PPO, A2C, TRPO])
+def test_horizon_value_bootstraps_a_truncation_before_the_horizon(make_short_env, algo_class):
+    """horizon_time_limit above the env's own limit: its cuts are truncations before T, bootstrapped from
+    V(s', t + 1) of the final observation (checked by the loop reference), not terminations."""
+    env = make_short_env("Pendulum-v1", 2, 10)
+    extra = {"batch_size": 16, "n_critic_updates": 1, "cg_max_steps": 3} if algo_class is TRPO else {}
+    model, _ = learn_and_check(
+        algo_class, env, n_steps=16, gamma=0.9, baseline="horizon", horizon_time_limit=13, **extra
+    )
+    assert model.horizon_time_limit == 13
+    assert model.rollout_buffer.final_observations  # the last rollout had cuts before the horizon

@@ -31,8 +31,10 @@ def test_every_sb3_argument_keeps_its_name_position_and_default(pgvar_class, sb3
     new = {name: p for name, p in ours.items() if name not in theirs}
     reference = {"ref_policy", "ref_regularizer", "ref_coef", "ref_target", "ref_estimator", "ref_placement",
                  "ref_cap", "ref_horizon"}
-    assert set(new) == {"baseline", *reference}
+    assert set(new) == {"baseline", "horizon_time_limit", *reference}
     assert new["baseline"].default == "value" and new["baseline"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert new["horizon_time_limit"].default is None
+    assert new["horizon_time_limit"].kind is inspect.Parameter.KEYWORD_ONLY
     assert new["ref_policy"].default is None  # the reference regularizer is off by default
     assert all(new[name].kind is inspect.Parameter.KEYWORD_ONLY for name in reference)
 
@@ -40,7 +42,7 @@ def test_every_sb3_argument_keeps_its_name_position_and_default(pgvar_class, sb3
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"baseline": "median"}, r"baseline must be one of 'value', 'none', 'mean', 'optimal'; got 'median'"),
+        ({"baseline": "median"}, r"baseline must be one of 'value', 'none', 'mean', 'optimal', 'horizon'; got 'median'"),
         ({"baseline": None}, r"baseline must be one of .*; got None"),
         ({"normalize_advantage": "per-batch"}, r"normalize_advantage must be one of True, False, 'minibatch', "
                                                r"'batch', 'none'; got 'per-batch'"),
