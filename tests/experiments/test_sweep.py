@@ -148,9 +148,45 @@ def test_bad_config_is_refused_with_a_clear_error(change, message):
 
 def test_shipped_configs_load():
     shipped = shipped_configs()
-    assert {"mirage-qprop", "normalization"} <= set(shipped)
+    assert {"mirage-qprop", "normalization", "horizon-aware"} <= set(shipped)
     for name in shipped:
         config = load_sweep_config(name)
         assert config.units()
     with pytest.raises(ValueError, match="neither a file nor a shipped config"):
         load_sweep_config("no-such-config")
+
+
+def test_horizon_aware_config_compares_trpo_with_and_without_the_horizon_aware_value(tmp_path):
+    """The shipped config: TRPO with the standard V vs baseline="horizon" at the paper's settings and reference
+    numbers; a tiny version of it (same learners, small batches) runs one unit of each through the sweep engine."""
+    config = load_sweep_config("horizon-aware")
+    assert config.envs == ("HalfCheetah-v5", "Walker2d-v5", "Humanoid-v5") and len(config.seeds) == 5
+    assert config.total_timesteps == 200 * 25_000 and config.final_fraction == 0.05
+    standard, horizon = config.learners
+    for learner in (standard, horizon):
+        assert learner.algo == "TRPO"
+        assert {key: learner.kwargs[key] for key in ("n_steps", "gamma", "gae_lambda")} == {
+            "n_steps": 25_000, "gamma": 0.99, "gae_lambda": 1.0}  # fmt: skip
+    assert "baseline" not in standard.kwargs and horizon.kwargs["baseline"] == "horizon"
+    published = {"HalfCheetah-v5": ((2030, 117), (2864, 229)), "Walker2d-v5": ((2761, 326), (3226, 398)),
+                 "Humanoid-v5": ((738, 69), (830, 54))}  # fmt: skip
+    for env_id, numbers in published.items():
+        rows = config.reference[env_id]
+        assert ((rows[standard.name]["mean"], rows[standard.name]["sd"]),
+                (rows[horizon.name]["mean"], rows[horizon.name]["sd"])) == numbers  # fmt: skip
+
+    small = {"n_steps": 64, "batch_size": 32, "n_critic_updates": 2, "cg_max_steps": 3,
+             "policy_kwargs": {"net_arch": [8], "activation_fn": "tanh"}}  # fmt: skip
+    tiny = load_sweep_config(
+        "horizon-aware",
+        overrides={
+            "envs": ["HalfCheetah-v5"], "seeds": [0], "total_timesteps": 128, "checkpoint_every": 64,
+            "learners": {learner.name: {"algo": learner.algo, "kwargs": {**learner.kwargs, **small}}
+                         for learner in config.learners},
+        },
+    )  # fmt: skip
+    state = run_sweep(tiny, tmp_path, workers=1)
+    assert (state.done, state.failed) == (2, 0), state.failures
+    for unit in tiny.units():
+        result = read_json(unit_folder(tmp_path, unit) / "result.json")
+        assert result["status"] == "done" and unit.learner.kwargs["gae_lambda"] == 1.0
