@@ -303,6 +303,13 @@ class SaveLoadMixin(_Base):
                 f"saved it. (Files of stable_baselines3.PPO / A2C and sb3_contrib.TRPO load into pgvar.PPO / A2C / "
                 f"TRPO and back; other algorithms do not share files.)"
             )
+        saved_baseline = data.get("baseline", "value")
+        if "baseline" in kwargs and (kwargs["baseline"] == "horizon") != (saved_baseline == "horizon"):
+            raise ValueError(
+                f"baseline={kwargs['baseline']!r} cannot be chosen at load for a model saved with "
+                f"baseline={saved_baseline!r}: 'horizon' changes the policy's value network (a second head), so "
+                "the saved parameters do not fit; train a new model instead"
+            )
         if not allow_pickle:
             custom_objects = _pickle_free_objects(cls, path, data, meta, custom_objects)
         return super().load(

@@ -145,6 +145,13 @@ def test_save_load_round_trip_keeps_the_head_and_the_step_counts(tmp_path, make_
                 assert torch.equal(loaded_optimizer[index][name], value), (index, name)
     loaded.set_env(make_short_env("CartPole-v1", 2, 30))
     loaded.learn(32)  # and it trains on
+    with pytest.raises(ValueError, match=r"baseline='value' cannot be chosen at load for a model saved with "
+                                         r"baseline='horizon'"):  # fmt: skip
+        PPO.load(tmp_path / "model.zip", baseline="value")
+    PPO("MlpPolicy", "CartPole-v1", **SMALL).save(tmp_path / "plain.zip")
+    with pytest.raises(ValueError, match=r"baseline='horizon' cannot be chosen at load"):
+        PPO.load(tmp_path / "plain.zip", baseline="horizon")
+    assert PPO.load(tmp_path / "plain.zip", baseline="mean").baseline == "mean"  # the others still can
 
 
 def test_exact_resume_restores_the_step_counts(tmp_path):
