@@ -180,9 +180,13 @@ def test_constant_baseline_bad_input():
 def test_buffer_and_engines_share_the_constructor_vocabulary():
     """The baseline option, the buffer, both comparison engines and the CLI use the same words."""
     from pgvar.algos import BASELINES
-    from pgvar.compare import ENV_BASELINES, ESTIMATORS
+    from pgvar.compare import ENV_BASELINES, ENV_ESTIMATORS, ESTIMATORS
     from pgvar.estimators import CONSTANT_BASELINES
 
-    assert set(BASELINES) == {"value", *CONSTANT_BASELINES} == set(ENV_BASELINES)
+    assert set(BASELINES) == {"value", "horizon", *CONSTANT_BASELINES}
+    # The environment engine compares the baselines it can compute at any fixed policy; the horizon-aware value
+    # needs a fitted second head and is the environment engine's "horizon_value" estimator row instead.
+    assert set(ENV_BASELINES) == set(BASELINES) - {"horizon"}
+    assert "horizon_value" in ENV_ESTIMATORS
     assert set(CONSTANT_BASELINES) <= set(ESTIMATORS)
     assert not {"batch_mean", "optimal_constant"} & set(ESTIMATORS)
