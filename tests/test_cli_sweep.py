@@ -39,7 +39,7 @@ def test_sweep_reports_failed_units_with_their_error_and_exits_1_then_aggregates
     assert code == 1
     assert "units 1/2 done, 0 running, 1 failed" in out
     assert ("FAILED broken/CartPole-v1/seed0: ValueError: baseline must be one of 'value', 'none', 'mean', "
-            "'optimal'; got 'nonsense'") in out  # fmt: skip
+            "'optimal', 'horizon'; got 'nonsense'") in out  # fmt: skip
     assert "units 0/2 done" in err  # the progress lines (stderr is not a terminal here)
     recorded = json.loads((results / "command.json").read_text())
     assert recorded["command"] == f"pgvar sweep {config} --results {results}"
