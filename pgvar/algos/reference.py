@@ -57,8 +57,11 @@ __all__ = [
     "REF_MEASURES",
     "REF_PLACEMENTS",
     "REF_REGULARIZERS",
+    "REFERENCE_OPTIONS",
+    "REFERENCE_PARAMETERS",
     "ReferenceOptionsMixin",
     "ReferenceRegularizer",
+    "check_reference_option_names",
     "check_reference_options",
     "exact_policy_divergence",
     "load_reference_policy",
@@ -152,6 +155,24 @@ def _sample_penalty(log_probs: th.Tensor, ref_log_probs: th.Tensor, regularizer:
         return chi2_sample_estimate(log_probs, ref_log_probs)
     return odds_ratio_cap_penalty(log_probs, ref_log_probs, cap)
 
+
+
+#: The names of the ``ref_*`` constructor options (QPropPPO / QPropTRPO take them as keywords and pass them on).
+REFERENCE_OPTIONS = (
+    "ref_policy", "ref_regularizer", "ref_coef", "ref_target", "ref_estimator", "ref_placement", "ref_cap",
+    "ref_horizon", "ref_measure", "ref_env", "ref_rollout_steps", "ref_rollout_every", "ref_discriminator_kwargs",
+)  # fmt: skip
+
+
+def check_reference_option_names(owner: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if every key is one of :data:`REFERENCE_OPTIONS`, else ``TypeError`` naming ``owner``."""
+    unknown = sorted(set(options) - set(REFERENCE_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{owner}() got unexpected keyword arguments {unknown}; its keyword options beyond its own are the "
+            f"reference options {', '.join(REFERENCE_OPTIONS)}"
+        )
+    return options
 
 
 #: The ``:param:`` lines of the ``ref_*`` options, appended to the docstrings of PPO, A2C and TRPO.
