@@ -449,7 +449,7 @@ class ReferenceOptionsMixin:
             cap=self.ref_cap, occupancy=None if self.ref_measure == "action" else self._occupancy_penalty(reference),
         )
         if self.ref_placement == "loss":
-            exact_policy_divergence_supported(model.policy, self.ref_regularizer, self.ref_estimator)
+            exact_policy_divergence_supported(model.policy, self.ref_regularizer, regularizer.estimator)
         else:
             model.rollout_buffer.reward_penalty_fn = regularizer.reward_penalty
         self.ref_coef_value = coef

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,8 +43,9 @@ class StatsPerRollout(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
-        self.stats.append(dict(self.model.reference_regularizer.stats))
-        buffer = self.model.rollout_buffer
+        model: Any = self.model
+        self.stats.append(dict(model.reference_regularizer.stats))
+        buffer = model.rollout_buffer
         self.buffers.append(
             {key: getattr(buffer, key).copy() for key in ("observations", "actions", "rewards", "advantages")}
         )
