@@ -57,7 +57,7 @@ from stable_baselines3.dqn.policies import QNetwork
 
 from pgvar._sb3_policy import flatten_time_major
 from pgvar._validation import check_choice, check_positive
-from pgvar.algos._replay_feed import ReplayFeed
+from pgvar.algos._replay_feed import ReplayFeed, penalize_replay_rewards
 from pgvar.algos.buffers import (
     EstimatorDictRolloutBuffer,
     EstimatorRolloutBuffer,
@@ -298,6 +298,7 @@ class QPropMixin(_Base):
         """SB3's ``collect_rollouts``; every transition also goes to the critic's replay buffer (raw reward, true
         next observation, ``TimeLimit.truncated`` kept apart from termination)."""
         feed = ReplayFeed(self, self.qprop_critic.replay_buffer, callback)
+        self._replay_rollout_start = self.qprop_critic.replay_buffer.pos
         return super().collect_rollouts(env, feed, rollout_buffer, n_rollout_steps)
 
     # ------------------------------------------------------------------------------------------- policy
@@ -439,7 +440,20 @@ class QPropMixin(_Base):
 
     # -------------------------------------------------------------------------------------------- train
     def train(self) -> None:
-        """One Q-Prop iteration: control variate (critic of the previous iterations), policy step, critic step."""
+        """One Q-Prop iteration: control variate (critic of the previous iterations), policy step, critic step.
+
+        With a reference regularizer in the reward (``ref_placement="reward"``), the rollout's penalty is first
+        subtracted from its transitions in the replay buffer: the critic learns :math:`Q` of the penalized reward
+        whose advantages :math:`\\hat A` the control variate corrects. (The estimator stays unbiased for any critic;
+        a critic of the raw reward would only correlate less with :math:`\\hat A`.)
+        """
+        regularizer = self.__dict__.get("reference_regularizer")
+        start = self.__dict__.pop("_replay_rollout_start", None)
+        if regularizer is not None and regularizer.last_penalty is not None and start is not None:
+            penalize_replay_rewards(self.qprop_critic.replay_buffer, start, regularizer.last_penalty, self._vec_normalize_env)
+        self._train_with_reference(self._qprop_iteration)
+
+    def _qprop_iteration(self) -> None:
         self._prepare_qprop_rollout()
         self.critic.requires_grad_(False)  # frozen: the analytic term's gradient goes to the policy only
         try:

@@ -12,13 +12,14 @@ import copy
 from typing import Any
 
 import numpy as np
+import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from pgvar.algos._step_hook import StepHook
 
-__all__ = ["ReplayFeed", "store_transition"]
+__all__ = ["ReplayFeed", "penalize_replay_rewards", "store_transition"]
 
 
 class ReplayFeed(StepHook):
@@ -79,3 +80,21 @@ def store_transition(algorithm: OnPolicyAlgorithm, replay_buffer: ReplayBuffer, 
     replay_buffer.add(last_obs, next_obs, actions, rewards_, dones, infos)  # type: ignore[arg-type]
     if vec_normalize is not None:
         algorithm._last_original_obs = new_obs_
+
+
+def penalize_replay_rewards(replay_buffer: ReplayBuffer, start: int, penalty: th.Tensor, vec_normalize: Any) -> None:
+    r"""Subtract a rollout's reward penalty (``[T, N]``, the reference regularizer's) from its transitions in the
+    replay buffer, which were stored from row ``start`` on (wrapping around; rows since overwritten are skipped).
+
+    The replay buffer holds the environment's rewards; with a reward-normalizing ``VecNormalize`` (which the critic's
+    sampling applies) the penalty is scaled by the current return std, so that the critic's normalized reward is
+    the rollout buffer's penalized one, :math:`r / \sigma - p`.
+    """
+    values = penalty.detach().cpu().double().numpy()
+    size = replay_buffer.buffer_size
+    rows = (start + np.arange(len(values))) % size
+    if len(values) > size:  # the earliest transitions were overwritten by the latest
+        rows, values = rows[-size:], values[-size:]
+    if vec_normalize is not None and vec_normalize.norm_reward:
+        values = values * float(np.sqrt(vec_normalize.ret_rms.var + vec_normalize.epsilon))
+    replay_buffer.rewards[rows] -= values.astype(replay_buffer.rewards.dtype)

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from pgvar.algos._qprop_mixin import DEFAULT_CRITIC_NET_ARCH, QPropMixin
 from pgvar.algos.ppo import PPO
+from pgvar.algos.reference import REFERENCE_PARAMETERS, check_reference_option_names
 from pgvar.algos.trpo import TRPO
 
 __all__ = ["QPropPPO", "QPropTRPO"]
@@ -86,6 +87,12 @@ _COMMON_NOTES = """
     replay buffer with ``save_replay_buffer`` (numpy arrays and JSON, no pickle; ``save()`` keeps the policy, the
     critic, its target and both optimizers).
 
+    The ``ref_*`` options (keywords, passed on to :class:`pgvar.PPO <pgvar.algos.PPO>` / :class:`pgvar.TRPO
+    <pgvar.algos.TRPO>`) compose with Q-Prop: in the reward (``ref_placement="reward"``, every ``ref_measure``) the
+    penalty is also subtracted from the rollout's transitions in the replay buffer, so the critic learns :math:`Q`
+    of the penalized reward whose advantages the control variate corrects; in the loss (QPropPPO only) the
+    regularizer's gradient joins the policy loss and the critic keeps the environment's reward.
+
     Papers: Gu, Lillicrap, Ghahramani, Turner, Levine (2017), "Q-Prop: Sample-Efficient Policy Gradient with an
     Off-Policy Critic", ICLR, arXiv:1611.02247; Tucker, Bhupatiraju, Gu, Turner, Ghahramani, Levine (2018), "The
     Mirage of Action-Dependent Baselines in Reinforcement Learning", ICML, arXiv:1802.10031.
@@ -104,6 +111,8 @@ class QPropPPO(QPropMixin, PPO):
     minibatch, ``"batch"`` once per rollout).
 """
         + _QPROP_PARAMETERS
+        + "    "
+        + REFERENCE_PARAMETERS
     )
 
     def __init__(
@@ -146,6 +155,7 @@ class QPropPPO(QPropMixin, PPO):
         qprop_critic_tau: float = 1e-3,
         qprop_buffer_size: int = 1_000_000,
         qprop_warmup_steps: int = 1000,
+        **reference_options: Any,
     ) -> None:
         self._init_qprop_options(
             qprop_eta=qprop_eta,
@@ -187,6 +197,7 @@ class QPropPPO(QPropMixin, PPO):
             device=device,
             _init_setup_model=_init_setup_model,
             baseline=baseline,
+            **check_reference_option_names(type(self).__name__, reference_options),
         )
 
     def _train_policy(self) -> None:
@@ -299,6 +310,8 @@ class QPropTRPO(QPropMixin, TRPO):
     ``gae_lambda=0.97``, ``target_kl=0.01`` and a 100x50 tanh policy.
 """
         + _QPROP_PARAMETERS
+        + "    "
+        + REFERENCE_PARAMETERS
     )
 
     def __init__(
@@ -341,6 +354,7 @@ class QPropTRPO(QPropMixin, TRPO):
         qprop_critic_tau: float = 1e-3,
         qprop_buffer_size: int = 1_000_000,
         qprop_warmup_steps: int = 1000,
+        **reference_options: Any,
     ) -> None:
         self._init_qprop_options(
             qprop_eta=qprop_eta,
@@ -382,6 +396,7 @@ class QPropTRPO(QPropMixin, TRPO):
             device=device,
             _init_setup_model=_init_setup_model,
             baseline=baseline,
+            **check_reference_option_names(type(self).__name__, reference_options),
         )
 
     def _train_policy(self) -> None:

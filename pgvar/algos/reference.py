@@ -15,6 +15,10 @@ r"""Regularizing an on-policy algorithm toward a frozen reference policy :math:`
   GRPO does, whose gradient at :math:`\pi = \pi_{\text{old}}` is :math:`\nabla\mathrm{KL}(\pi_{\text{ref}}\|\pi)`
   (the reverse KL): :math:`\nabla k_3 = (1 - \pi_{\text{ref}}/\pi)\nabla\log\pi`.
 
+Occupancy measures (``ref_measure="state"`` or ``"state_action"``): the reward penalty comes from a discriminator
+between the policy's and the reference's visits (:mod:`pgvar.algos.occupancy`, held as
+``reference_regularizer.occupancy``).
+
 Adaptive coefficient (``ref_coef="adaptive"``, Ziegler et al. 2019, arXiv:1909.08593, Sec. 2.2): after each
 rollout of :math:`n` transitions (``n_steps * n_envs``) with mean divergence :math:`\hat D`,
 
@@ -24,32 +28,40 @@ rollout of :math:`n` transitions (``n_steps * n_envs``) with mean divergence :ma
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.policies import BasePolicy
 
 from pgvar._sb3_policy import flatten_time_major, policy_log_prob
 from pgvar._validation import check_cap, check_choice, check_nonnegative, check_positive
-from pgvar.estimators import (
-    categorical_divergence,
-    chi2_sample_estimate,
-    diagonal_gaussian_divergence,
-    kl_sample_estimate,
-    odds_ratio_cap_penalty,
+from pgvar.algos.occupancy import (
+    OccupancyDiscriminator,
+    OccupancyPenalty,
+    ReferenceRollouts,
+    check_discriminator_kwargs,
+    check_measure_options,
+    make_reference_env,
 )
+from pgvar.algos.reference_policy import (
+    exact_policy_divergence,
+    exact_policy_divergence_supported,
+    load_reference_policy,
+)
+from pgvar.estimators import chi2_sample_estimate, kl_sample_estimate, odds_ratio_cap_penalty
 
 __all__ = [
     "ADAPTIVE_INITIAL_COEF",
     "REF_ESTIMATORS",
+    "REF_MEASURES",
     "REF_PLACEMENTS",
     "REF_REGULARIZERS",
+    "REFERENCE_OPTIONS",
+    "REFERENCE_PARAMETERS",
     "ReferenceOptionsMixin",
     "ReferenceRegularizer",
+    "check_reference_option_names",
     "check_reference_options",
     "exact_policy_divergence",
     "load_reference_policy",
@@ -57,6 +69,9 @@ __all__ = [
 
 #: The regularizers: KL, chi-squared, its square root, and the hinge on the log odds ratio above ``log ref_cap``.
 REF_REGULARIZERS = ("kl", "chi2", "sqrt_chi2", "odds_ratio_cap")
+#: What is compared with the reference: the per-state action distributions, or (a discriminator,
+#: :mod:`pgvar.algos.occupancy`) the state or state-action occupancy measures.
+REF_MEASURES = ("action", "state", "state_action")
 #: Where the regularizer enters: the rewards before GAE, or the policy loss.
 REF_PLACEMENTS = ("reward", "loss")
 #: ``"k1"``: the per-step penalty at the sampled action (the only choice in the reward); ``"k3"``: Schulman's k3 at
@@ -76,11 +91,25 @@ def check_reference_options(
     estimator: str | None,
     placement: str,
     cap: float,
-) -> str:
+    measure: str = "action",
+    rollout_steps: int | None = None,
+    rollout_every: int = 1,
+) -> str | None:
     """Validate the ``ref_*`` options (``ValueError`` naming the argument) and return the resolved estimator
-    (``None``: ``"k1"`` in the reward, ``"exact"`` in the loss)."""
-    check_choice("ref_regularizer", regularizer, REF_REGULARIZERS)
+    (``None``: ``"k1"`` in the reward, ``"exact"`` in the loss; stays ``None`` for an occupancy measure)."""
     check_choice("ref_placement", placement, REF_PLACEMENTS)
+    check_measure_options(
+        measure=measure, regularizer=regularizer, estimator=estimator, placement=placement,
+        rollout_steps=rollout_steps, every=rollout_every,
+    )
+    if measure == "action" and regularizer == "tv":
+        raise ValueError(
+            "ref_regularizer='tv' is only available for an occupancy measure (ref_measure='state' or "
+            "'state_action'); for the action distribution use one of "
+            f"{', '.join(repr(r) for r in REF_REGULARIZERS)}"
+        )
+    if measure == "action":
+        check_choice("ref_regularizer", regularizer, REF_REGULARIZERS)
     if isinstance(coef, str):
         check_choice("ref_coef", coef, ("adaptive",))
         if target is None:
@@ -92,6 +121,8 @@ def check_reference_options(
             raise ValueError(f"ref_target={target!r} is only used with ref_coef='adaptive', got ref_coef={coef!r}")
     check_positive("ref_horizon", horizon)
     check_cap("ref_cap", cap)
+    if measure != "action":
+        return None
     resolved = ("k1" if placement == "reward" else "exact") if estimator is None else estimator
     check_choice("ref_estimator", resolved, REF_ESTIMATORS)
     if placement == "reward":
@@ -116,58 +147,6 @@ def check_reference_options(
     return resolved
 
 
-def load_reference_policy(source: Any, device: th.device | str) -> BasePolicy:
-    """A frozen copy of ``source``: an SB3 policy object, or the path of a saved model (its ``policy``)."""
-    if isinstance(source, BasePolicy):
-        reference = copy.deepcopy(source)
-    elif isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        from stable_baselines3.common.save_util import load_from_zip_file
-
-        data, params, _ = load_from_zip_file(source, device=device)
-        if data is None or params is None or "policy" not in params:
-            raise ValueError(f"ref_policy={source!r} is not a saved model with a policy")
-        reference = data["policy_class"](
-            data["observation_space"], data["action_space"], lambda _: 0.0, **data.get("policy_kwargs", {})
-        )
-        reference.load_state_dict(params["policy"])
-    else:
-        raise ValueError(
-            f"ref_policy must be None, 'initial', the path of a saved model or an SB3 policy, got {type(source).__name__}"
-        )
-    reference = reference.to(device)
-    reference.set_training_mode(False)
-    for param in reference.parameters():
-        param.requires_grad_(False)
-    return reference
-
-
-def exact_policy_divergence(distribution: Any, ref_distribution: Any, regularizer: str, cap: float) -> th.Tensor:
-    """Per-state exact divergence ``[B]`` between two SB3 distributions (Categorical or diagonal Gaussian).
-
-    ``sqrt_chi2`` is :math:`\\sqrt{\\max(\\chi^2, 10^{-12})}`, so that its gradient is finite where the policy equals
-    the reference. ``odds_ratio_cap`` is :math:`\\sum_a \\pi_a (\\log\\frac{\\pi_a}{c\\,\\pi_{\\text{ref},a}})_+`
-    (Categorical only).
-    """
-    divergence = "chi2" if regularizer == "sqrt_chi2" else regularizer
-    if type(distribution) is CategoricalDistribution:
-        log_p = distribution.distribution.logits
-        log_q = ref_distribution.distribution.logits.to(log_p.dtype)
-        if regularizer == "odds_ratio_cap":
-            value = (log_p.exp() * (log_p - log_q - math.log(cap)).clamp_min(0.0)).sum(-1)
-        else:
-            value = categorical_divergence(log_p, log_q, divergence)
-    elif type(distribution) is DiagGaussianDistribution and regularizer != "odds_ratio_cap":
-        mean, std = distribution.distribution.mean, distribution.distribution.stddev
-        ref_mean, ref_std = ref_distribution.distribution.mean, ref_distribution.distribution.stddev
-        value = diagonal_gaussian_divergence(mean, std.log(), ref_mean, ref_std.log(), divergence)
-    else:
-        raise ValueError(
-            f"no exact {regularizer!r} for {type(distribution).__name__} (exact: Categorical, and DiagGaussian "
-            "except odds_ratio_cap); use ref_placement='reward'"
-        )
-    return value.clamp_min(1e-12).sqrt() if regularizer == "sqrt_chi2" else value
-
-
 def _sample_penalty(log_probs: th.Tensor, ref_log_probs: th.Tensor, regularizer: str, cap: float) -> th.Tensor:
     """The per-step penalty at the sampled action (``ref_estimator="k1"``)."""
     if regularizer == "kl":
@@ -176,6 +155,24 @@ def _sample_penalty(log_probs: th.Tensor, ref_log_probs: th.Tensor, regularizer:
         return chi2_sample_estimate(log_probs, ref_log_probs)
     return odds_ratio_cap_penalty(log_probs, ref_log_probs, cap)
 
+
+
+#: The names of the ``ref_*`` constructor options (QPropPPO / QPropTRPO take them as keywords and pass them on).
+REFERENCE_OPTIONS = (
+    "ref_policy", "ref_regularizer", "ref_coef", "ref_target", "ref_estimator", "ref_placement", "ref_cap",
+    "ref_horizon", "ref_measure", "ref_env", "ref_rollout_steps", "ref_rollout_every", "ref_discriminator_kwargs",
+)  # fmt: skip
+
+
+def check_reference_option_names(owner: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if every key is one of :data:`REFERENCE_OPTIONS`, else ``TypeError`` naming ``owner``."""
+    unknown = sorted(set(options) - set(REFERENCE_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{owner}() got unexpected keyword arguments {unknown}; its keyword options beyond its own are the "
+            f"reference options {', '.join(REFERENCE_OPTIONS)}"
+        )
+    return options
 
 
 #: The ``:param:`` lines of the ``ref_*`` options, appended to the docstrings of PPO, A2C and TRPO.
@@ -194,6 +191,17 @@ REFERENCE_PARAMETERS = """:param ref_policy: regularize toward a frozen referenc
         GAE) or ``"loss"`` (add ``ref_coef`` times the mean divergence to the policy loss)
     :param ref_cap: the odds-ratio cap ``c >= 1`` of ``ref_regularizer="odds_ratio_cap"`` (default 2)
     :param ref_horizon: the adaptive coefficient's horizon in transitions (> 0, default 10000)
+    :param ref_measure: what is held near the reference: ``"action"`` (default: the per-state action
+        distributions, as above), ``"state"`` or ``"state_action"`` (the occupancy measure, ORPO: a discriminator
+        trained each rollout against rollouts of the reference, :mod:`pgvar.algos.occupancy`; ``ref_regularizer``
+        ``"kl"``, ``"chi2"``, ``"sqrt_chi2"`` or ``"tv"``, ``ref_placement="reward"`` only; logs
+        ``pgvar/ref_occupancy_<regularizer>`` and ``pgvar/ref_discriminator_accuracy``)
+    :param ref_env: the environment the reference acts in for an occupancy measure (``None``: a copy of the
+        model's; an env, ``VecEnv`` or env id; not saved)
+    :param ref_rollout_steps: reference transitions per collection (> 0; ``None``: ``n_steps * n_envs``)
+    :param ref_rollout_every: collect reference transitions every this many rollouts (>= 1, default 1)
+    :param ref_discriminator_kwargs: the discriminator's ``net_arch`` (default ``(256, 256)``), ``learning_rate``
+        (1e-3), ``n_epochs`` (5), ``batch_size`` (256) and ``logit_clip`` (10)
 """
 
 class _AddGradient(th.autograd.Function):
@@ -222,6 +230,8 @@ class ReferenceRegularizer:
     :param estimator: ``"k1"``, ``"k3"`` or ``"exact"`` (checked by :func:`check_reference_options`)
     :param placement: ``"reward"`` or ``"loss"``
     :param cap: the odds-ratio cap :math:`c \\ge 1`
+    :param occupancy: for an occupancy measure, the discriminator and reference rollouts
+        (:class:`~pgvar.algos.occupancy.OccupancyPenalty`) that make the reward penalty; ``None``: the action measure
     """
 
     def __init__(
@@ -235,12 +245,18 @@ class ReferenceRegularizer:
         estimator: str,
         placement: str,
         cap: float,
+        occupancy: OccupancyPenalty | None = None,
     ) -> None:
-        self.reference: Any = reference  # an SB3 policy with get_distribution (ActorCriticPolicy and kin)
+        self.reference: Any = reference
+        self.occupancy = occupancy  # an SB3 policy with get_distribution (ActorCriticPolicy and kin)
         self.regularizer, self.estimator, self.placement = regularizer, estimator, placement
         self.coef, self.adaptive_target, self.horizon, self.cap = float(coef), adaptive_target, float(horizon), cap
         #: ``{"kl": ..., regularizer: ...}``: means over the last rollout (reward) or over the last train() (loss)
         self.stats: dict[str, float] = {}
+        #: the statistic the adaptive coefficient follows
+        self.controlled = regularizer if occupancy is None else f"occupancy_{regularizer}"
+        #: the last reward penalty subtracted (``[T, N]``, ``coef`` included), ``None`` if none (Q-Prop's replay)
+        self.last_penalty: th.Tensor | None = None
         self._loss_values: list[th.Tensor] = []
         self._last_actions = th.empty(0)
 
@@ -252,6 +268,12 @@ class ReferenceRegularizer:
     def reward_penalty(self, observations: Any, actions: np.ndarray, log_probs: np.ndarray) -> th.Tensor | None:
         """``coef * k(s_t, a_t)``, ``[T, N]`` float64, to subtract from the rewards (``None`` when ``coef == 0``:
         the rewards stay bit for bit); records the rollout's mean penalty and KL estimate in :attr:`stats`."""
+        if self.occupancy is not None:
+            penalty, self.stats = self.occupancy.reward_penalty(
+                observations, actions, regularizer=self.regularizer, coef=1.0
+            )
+            self.last_penalty = None if self.coef == 0.0 else self.coef * penalty
+            return self.last_penalty
         steps, n_envs = actions.shape[:2]
         device = self.reference.device
         obs = flatten_time_major(observations, device)
@@ -260,7 +282,8 @@ class ReferenceRegularizer:
         penalty = _sample_penalty(log_probs_t, ref_log_probs, self.regularizer, self.cap).reshape(steps, n_envs)
         self.stats = {"kl": float(kl_sample_estimate(log_probs_t, ref_log_probs, "k1").mean())}
         self.stats[self.regularizer] = float(penalty.mean())
-        return None if self.coef == 0.0 else self.coef * penalty
+        self.last_penalty = None if self.coef == 0.0 else self.coef * penalty
+        return self.last_penalty
 
     # -------------------------------------------------------------------------------------------- loss
     def loss_term(self, policy: Any, observations: Any, log_prob: th.Tensor) -> th.Tensor:
@@ -301,9 +324,9 @@ class ReferenceRegularizer:
     # ---------------------------------------------------------------------------------------- adaptive
     def update_coef(self, n_transitions: int) -> None:
         """The adaptive controller's step (module doc); nothing for a fixed coefficient."""
-        if self.adaptive_target is None or self.regularizer not in self.stats:
+        if self.adaptive_target is None or self.controlled not in self.stats:
             return
-        error = float(np.clip(self.stats[self.regularizer] / self.adaptive_target - 1.0, -_ADAPTIVE_CLIP, _ADAPTIVE_CLIP))
+        error = float(np.clip(self.stats[self.controlled] / self.adaptive_target - 1.0, -_ADAPTIVE_CLIP, _ADAPTIVE_CLIP))
         self.coef *= 1.0 + error * n_transitions / self.horizon
 
 
@@ -331,6 +354,11 @@ class ReferenceOptionsMixin:
     ref_coef_value: float | None
     ref_policy_class: type | None
     ref_policy_kwargs: dict[str, Any] | None
+    ref_measure: str
+    ref_env: Any
+    ref_rollout_steps: int | None
+    ref_rollout_every: int
+    ref_discriminator_kwargs: dict[str, Any] | None
 
     def _init_reference_options(  # noqa: PLR0913
         self,
@@ -343,11 +371,18 @@ class ReferenceOptionsMixin:
         ref_placement: str,
         ref_cap: float,
         ref_horizon: float,
+        ref_measure: str = "action",
+        ref_env: Any = None,
+        ref_rollout_steps: int | None = None,
+        ref_rollout_every: int = 1,
+        ref_discriminator_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """Validate and store the options (``ValueError`` naming the argument); the reference is built in setup."""
         self.ref_regularizer, self.ref_coef, self.ref_target = ref_regularizer, ref_coef, ref_target
         self.ref_estimator, self.ref_placement, self.ref_cap = ref_estimator, ref_placement, ref_cap
-        self.ref_horizon = ref_horizon
+        self.ref_horizon, self.ref_measure, self.ref_env = ref_horizon, ref_measure, ref_env
+        self.ref_rollout_steps, self.ref_rollout_every = ref_rollout_steps, ref_rollout_every
+        self.ref_discriminator_kwargs = ref_discriminator_kwargs
         self._check_reference_options()
         if isinstance(ref_policy, str) and ref_policy == "initial":
             self.ref_policy = "initial"
@@ -366,8 +401,10 @@ class ReferenceOptionsMixin:
     def _check_reference_options(self) -> None:
         self.ref_estimator = check_reference_options(
             regularizer=self.ref_regularizer, coef=self.ref_coef, target=self.ref_target, horizon=self.ref_horizon,
-            estimator=self.ref_estimator, placement=self.ref_placement, cap=self.ref_cap,
+            estimator=self.ref_estimator, placement=self.ref_placement, cap=self.ref_cap, measure=self.ref_measure,
+            rollout_steps=self.ref_rollout_steps, rollout_every=self.ref_rollout_every,
         )
+        check_discriminator_kwargs(self.ref_discriminator_kwargs)
         if self.ref_placement == "loss" and not self._ref_loss_supported:
             raise ValueError(
                 f"ref_placement='loss' is not available for {type(self).__name__}: its train() does not compute the "
@@ -406,17 +443,33 @@ class ReferenceOptionsMixin:
             coef = ADAPTIVE_INITIAL_COEF if self.ref_coef_value is None else self.ref_coef_value
         else:
             coef = float(self.ref_coef)
-        assert self.ref_estimator is not None
         regularizer = ReferenceRegularizer(
             reference, regularizer=self.ref_regularizer, coef=coef, adaptive_target=self.ref_target if adaptive else None,
-            horizon=self.ref_horizon, estimator=self.ref_estimator, placement=self.ref_placement, cap=self.ref_cap,
+            horizon=self.ref_horizon, estimator=self.ref_estimator or "k1", placement=self.ref_placement,
+            cap=self.ref_cap, occupancy=None if self.ref_measure == "action" else self._occupancy_penalty(reference),
         )
         if self.ref_placement == "loss":
-            exact_policy_divergence_supported(model.policy, self.ref_regularizer, self.ref_estimator)
+            exact_policy_divergence_supported(model.policy, self.ref_regularizer, regularizer.estimator)
         else:
             model.rollout_buffer.reward_penalty_fn = regularizer.reward_penalty
         self.ref_coef_value = coef
         self.reference_regularizer = regularizer
+
+    def _occupancy_penalty(self, reference: BasePolicy) -> OccupancyPenalty:
+        """The discriminator (``ref_discriminator_kwargs``) and the reference rollouts of ``ref_measure``; the
+        reference environment is built now if the model has an environment (errors at construction), else on the
+        first rollout."""
+        model: Any = self
+        options = check_discriminator_kwargs(self.ref_discriminator_kwargs)
+        discriminator = OccupancyDiscriminator(
+            model.observation_space, model.action_space if self.ref_measure == "state_action" else None,
+            device=model.device, **options,
+        )
+        rollouts = ReferenceRollouts(reference, lambda: make_reference_env(model, self.ref_env), model.get_env)
+        if self.ref_env is not None or model.get_env() is not None:
+            rollouts.env, rollouts.synced = rollouts.env_factory()
+        steps = self.ref_rollout_steps or model.n_steps * model.n_envs
+        return OccupancyPenalty(discriminator, rollouts, rollout_steps=int(steps), rollout_every=int(self.ref_rollout_every))
 
     def _train_with_reference(self, train: Any) -> None:
         """Run ``train()`` (with the loss term when ``ref_placement="loss"``), log and update the coefficient."""
@@ -441,26 +494,15 @@ class ReferenceOptionsMixin:
         self.ref_coef_value = regularizer.coef
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "reference_regularizer", "_ref_policy_source"]  # type: ignore[misc]
+        excluded = ["reference_regularizer", "_ref_policy_source", "ref_env"]
+        return [*super()._excluded_save_params(), *excluded]  # type: ignore[misc]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts, torch_variables = super()._get_torch_save_params()  # type: ignore[misc]
-        if self.__dict__.get("reference_regularizer") is not None:
+        regularizer = self.__dict__.get("reference_regularizer")
+        if regularizer is not None:
             state_dicts = [*state_dicts, "reference_regularizer.reference"]
+        if regularizer is not None and regularizer.occupancy is not None:
+            name = "reference_regularizer.occupancy.discriminator"
+            state_dicts = [*state_dicts, name, f"{name}.optimizer"]
         return state_dicts, torch_variables
-
-
-def exact_policy_divergence_supported(policy: Any, regularizer: str, estimator: str) -> None:
-    """Raise ``ValueError`` at construction if ``ref_estimator="exact"`` has no closed form for the policy."""
-    if estimator != "exact":
-        return
-    action_dist = getattr(policy, "action_dist", None)
-    if type(action_dist) is CategoricalDistribution or (
-        type(action_dist) is DiagGaussianDistribution and regularizer != "odds_ratio_cap"
-    ):
-        return
-    raise ValueError(
-        f"ref_estimator='exact' has no closed form {regularizer!r} for the action distribution "
-        f"{type(action_dist).__name__} (exact: Categorical, and DiagGaussian except odds_ratio_cap); "
-        "use ref_placement='reward'"
-    )

@@ -93,10 +93,17 @@ class TRPO(SaveLoadMixin, OnPolicyEstimatorMixin, sb3_contrib.TRPO):
         ref_placement: str = "reward",
         ref_cap: float = 2.0,
         ref_horizon: float = 10_000,
+        ref_measure: str = "action",
+        ref_env: Any = None,
+        ref_rollout_steps: int | None = None,
+        ref_rollout_every: int = 1,
+        ref_discriminator_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self._init_reference_options(
             ref_policy=ref_policy, ref_regularizer=ref_regularizer, ref_coef=ref_coef, ref_target=ref_target,
             ref_estimator=ref_estimator, ref_placement=ref_placement, ref_cap=ref_cap, ref_horizon=ref_horizon,
+            ref_measure=ref_measure, ref_env=ref_env, ref_rollout_steps=ref_rollout_steps,
+            ref_rollout_every=ref_rollout_every, ref_discriminator_kwargs=ref_discriminator_kwargs,
         )
         normalize_minibatches = self._init_estimator_options(
             gamma=gamma, gae_lambda=gae_lambda, baseline=baseline, normalize_advantage=normalize_advantage,

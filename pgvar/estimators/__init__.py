@@ -62,6 +62,7 @@ from pgvar.estimators.regularizers import (
     diagonal_gaussian_divergence,
     discriminator_logistic_loss,
     kl_sample_estimate,
+    occupancy_divergence_estimate,
     occupancy_penalty_rewards,
     odds_ratio_cap_penalty,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "diagonal_gaussian_divergence",
     "discriminator_logistic_loss",
     "kl_sample_estimate",
+    "occupancy_divergence_estimate",
     "occupancy_penalty_rewards",
     "odds_ratio_cap_penalty",
 ]

@@ -13,7 +13,8 @@ Three families, one per question of issue 14 (``docs/guide/regularization.md`` h
   projection that satisfies it exactly (:func:`capped_log_probs`).
 - **Occupancy-measure (OM) divergences** (Laidlaw, Singhal, Dragan 2024, ORPO): a discriminator trained with
   :func:`discriminator_logistic_loss` has logits :math:`d \approx \log(\mu_\pi / \mu_{\text{ref}})`, and
-  :func:`occupancy_penalty_rewards` turns them into per-step rewards added before GAE.
+  :func:`occupancy_penalty_rewards` turns them into per-step rewards added before GAE, and
+  :func:`occupancy_divergence_estimate` into an estimate of the divergence itself (for logging and control).
 
 All functions are elementwise over any leading shape: time-major ``[T, N]`` rollouts and flat ``[B]`` batches
 alike (``[*, A]`` with an action axis last for the exact Categorical divergences). The exact Categorical KL is
@@ -51,6 +52,7 @@ __all__ = [
     "diagonal_gaussian_divergence",
     "discriminator_logistic_loss",
     "kl_sample_estimate",
+    "occupancy_divergence_estimate",
     "occupancy_penalty_rewards",
     "odds_ratio_cap_penalty",
 ]
@@ -466,3 +468,56 @@ def occupancy_penalty_rewards(
     if mask is not None:
         penalty = torch.where(mask, penalty, torch.zeros_like(penalty))
     return penalty.to(dtype)
+
+
+def occupancy_divergence_estimate(
+    discriminator_logits: torch.Tensor, divergence: str, *, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Estimate of the occupancy divergence :math:`D(\mu_\pi \| \mu_{\text{ref}})` from discriminator logits at
+    samples of the *policy*'s occupancy measure, :math:`x_i \sim \mu_\pi`.
+
+    With :math:`d \approx \log(\mu_\pi / \mu_{\text{ref}})` (the optimum of
+    :func:`discriminator_logistic_loss`), each divergence is an expectation under :math:`\mu_\pi`, estimated by the
+    sample mean:
+
+    .. math::
+
+        \mathrm{KL} = \mathbb{E}_{\mu_\pi}[d], \qquad
+        \chi^2 = \mathbb{E}_{\mu_\pi}[e^{d}] - 1, \qquad
+        \sqrt{\chi^2} = \sqrt{\max(\widehat{\chi^2}, 0)}, \qquad
+        \mathrm{TV} = \tfrac12 \mathbb{E}_{\mu_\pi}\big|1 - e^{-d}\big|
+
+    (:math:`\mathbb{E}_{\mu_\pi}[\mu_\pi/\mu_{\text{ref}}] = \sum_x \mu_\pi^2/\mu_{\text{ref}}` and
+    :math:`\mathbb{E}_{\mu_\pi}|1 - \mu_{\text{ref}}/\mu_\pi| = \sum_x |\mu_\pi - \mu_{\text{ref}}|`). With
+    exact logits the KL, :math:`\chi^2` and TV estimates are unbiased and :math:`\sqrt{\chi^2}` is biased low
+    (Jensen); with learned logits all carry the discriminator's error. This is the quantity the penalties of
+    :func:`occupancy_penalty_rewards` stand for (its ``tv`` penalty's mean is not the TV, see there), the
+    density-ratio route to f-divergences of Nguyen, Wainwright, Jordan (2010, arXiv:0809.0853), as in ORPO
+    (Laidlaw, Singhal, Dragan 2024, arXiv:2403.03185).
+
+    :param discriminator_logits: :math:`d` at samples of :math:`\mu_\pi`, any shape (``[T, N]`` or flat)
+    :param divergence: one of :data:`DIVERGENCES`
+    :param mask: boolean, the shape of the logits: the samples to average (``None``: all)
+    :return: a scalar, detached, in the logits' dtype
+
+    >>> # mu_pi = (2/3, 1/3), mu_ref = (1/3, 2/3): three samples of mu_pi in proportion, at the exact logits
+    >>> d = torch.tensor([math.log(2.0), math.log(2.0), math.log(0.5)])
+    >>> round(float(occupancy_divergence_estimate(d, "chi2")), 4)  # sum mu_pi^2 / mu_ref - 1
+    0.5
+    """
+    check_choice("divergence", divergence, DIVERGENCES)
+    logits = check_float_tensor("discriminator_logits", discriminator_logits, "[T, N] or [B]")
+    mask = check_mask("mask", mask, logits.shape)
+    d = logits.detach().to(working_dtype(logits.dtype))
+    d = d[mask] if mask is not None else d.reshape(-1)
+    if d.numel() == 0:
+        raise ValueError("discriminator_logits must hold at least one (unmasked) sample, got none")
+    if divergence == "kl":
+        value = d.mean()
+    elif divergence == "tv":
+        value = 0.5 * (-torch.expm1(-d)).abs().mean()
+    else:
+        value = torch.expm1(d).mean()
+        if divergence == "sqrt_chi2":
+            value = value.clamp_min(0.0).sqrt()
+    return value.to(logits.dtype)

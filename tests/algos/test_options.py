@@ -13,6 +13,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from pgvar.algos import A2C, PPO, TRPO, EstimatorRolloutBuffer
+from pgvar.algos.reference import REFERENCE_OPTIONS
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -30,7 +31,9 @@ def test_every_sb3_argument_keeps_its_name_position_and_default(pgvar_class, sb3
         assert ours[name].kind == parameter.kind, name
     new = {name: p for name, p in ours.items() if name not in theirs}
     reference = {"ref_policy", "ref_regularizer", "ref_coef", "ref_target", "ref_estimator", "ref_placement",
-                 "ref_cap", "ref_horizon"}
+                 "ref_cap", "ref_horizon", "ref_measure", "ref_env", "ref_rollout_steps", "ref_rollout_every",
+                 "ref_discriminator_kwargs"}
+    assert reference == set(REFERENCE_OPTIONS)  # the names QPropPPO / QPropTRPO pass on
     assert set(new) == {"baseline", "horizon_time_limit", *reference}
     assert new["baseline"].default == "value" and new["baseline"].kind is inspect.Parameter.KEYWORD_ONLY
     assert new["horizon_time_limit"].default is None

@@ -295,3 +295,81 @@ def test_exact_loss_term_on_a_diagonal_gaussian_policy(regularizer):
     value = model.logger.name_to_value[f"pgvar/ref_{regularizer}"]
     assert math.isfinite(value) and value >= 0
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+# ------------------------------------------------------------------------------------------ Q-Prop classes
+def _qprop(cls, env=None, **kwargs):
+    from pgvar import QPropPPO
+
+    options = dict(n_steps=32, seed=0, qprop_warmup_steps=16, qprop_buffer_size=1000, batch_size=16)
+    if cls is QPropPPO:
+        options["n_epochs"] = 2
+    return cls("MlpPolicy", bandit() if env is None else env, **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("measure", ["action", "state_action"])
+@pytest.mark.parametrize("cls_name", ["QPropPPO", "QPropTRPO"])
+def test_qprop_reward_penalty_reaches_the_rollout_and_the_critic_replay(cls_name, measure):
+    """The buffer's advantages see r - penalty, and so do the critic's replay rewards of the same transitions."""
+    import pgvar
+
+    coef = 0.7
+    model = _qprop(
+        getattr(pgvar, cls_name), ref_policy="initial", ref_coef=coef, ref_measure=measure, baseline="none",
+        normalize_advantage=False, qprop_warmup_steps=10_000,  # no critic update: the signal is A-hat itself
+    )
+    capture = RolloutCapture()
+    model.learn(64, callback=capture)
+    regularizer = model.reference_regularizer
+    penalty = regularizer.last_penalty.numpy()
+    assert np.abs(penalty).max() > 0
+    rollout = capture.rollouts[-1]
+    np.testing.assert_allclose(rollout["advantages"], rollout["rewards"] - penalty, rtol=1e-5, atol=1e-6)
+    replay = model.qprop_critic.replay_buffer
+    np.testing.assert_allclose(replay.rewards[32:64], rollout["rewards"] - penalty, rtol=1e-5, atol=1e-6)
+    key = "pgvar/ref_kl" if measure == "action" else "pgvar/ref_occupancy_kl"
+    assert key in model.logger.name_to_value
+    assert model.logger.name_to_value["pgvar/ref_coef"] == coef
+
+
+def test_qprop_without_reference_keeps_the_environment_rewards_in_the_replay():
+    from pgvar import QPropPPO
+
+    model = _qprop(QPropPPO)
+    capture = RolloutCapture()
+    model.learn(32, callback=capture)
+    np.testing.assert_array_equal(model.qprop_critic.replay_buffer.rewards[:32], capture.rollouts[0]["rewards"])
+
+
+def test_qprop_ppo_loss_placement_and_save_load(tmp_path):
+    from pgvar import QPropPPO, QPropTRPO
+
+    model = _qprop(QPropPPO, ref_policy="initial", ref_placement="loss", ref_regularizer="chi2", ref_coef=20.0,
+                   learning_rate=3e-3)  # fmt: skip
+    start = policy_logits(model)
+    capture = RolloutCapture()
+    model.learn(128, callback=capture)
+    assert "pgvar/ref_chi2" in model.logger.name_to_value
+    assert model.reference_regularizer.last_penalty is None  # nothing in the rewards, nor in the replay
+    np.testing.assert_array_equal(model.qprop_critic.replay_buffer.rewards[96:128], capture.rollouts[-1]["rewards"])
+    free = _qprop(QPropPPO, learning_rate=3e-3)
+    free.learn(128)
+
+    def kl_from_start(m):
+        end = policy_logits(m)
+        return float((end.exp() * (end - start)).sum())
+
+    assert kl_from_start(model) < kl_from_start(free) / 2
+    model.save(tmp_path / "qprop.zip")
+    loaded = QPropPPO.load(tmp_path / "qprop.zip", env=bandit())
+    for name in ("ref_policy", "ref_regularizer", "ref_coef", "ref_placement", "ref_estimator", "ref_measure"):
+        assert getattr(loaded, name) == getattr(model, name), name
+    for key, value in model.reference_regularizer.reference.state_dict().items():
+        assert th.equal(value, loaded.reference_regularizer.reference.state_dict()[key]), key
+    loaded.learn(32)
+    with pytest.raises(ValueError, match="ref_placement='loss'"):
+        _qprop(QPropTRPO, ref_policy="initial", ref_placement="loss")
+    with pytest.raises(TypeError, match="ref_polcy"):
+        _qprop(QPropTRPO, ref_polcy="initial")
+    with pytest.raises(ValueError, match="action_space"):
+        _qprop(QPropTRPO, ref_policy=A2C("MlpPolicy", GoodhartBandit(n_arms=N_ARMS + 1, seed=0)).policy)

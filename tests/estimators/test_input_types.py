@@ -116,6 +116,11 @@ def _cases() -> dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, A
             (0.3 * logits_pi, "sqrt_chi2", 0.5),
             dict(mask=torch.arange(18).reshape(6, 3) % 4 != 0),
         ),
+        "occupancy_divergence_estimate": (
+            E.occupancy_divergence_estimate,
+            (0.3 * logits_pi, "chi2"),
+            dict(mask=torch.arange(18).reshape(6, 3) % 4 != 0),
+        ),
         # integer / boolean inputs only: covered by the numpy test, not the 16-bit one
         "time_to_go_factor": (E.time_to_go_factor, (steps,), dict(horizon=8, gamma=0.9)),
         "horizon_episode_flags": (E.horizon_episode_flags, (r["terminated"], r["truncated"], steps), dict(horizon=8)),

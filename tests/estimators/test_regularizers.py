@@ -21,6 +21,7 @@ from pgvar.estimators import (
     discriminator_logistic_loss,
     kl_sample_estimate,
     kl_to_reference,
+    occupancy_divergence_estimate,
     occupancy_penalty_rewards,
     odds_ratio_cap_penalty,
 )
@@ -393,3 +394,28 @@ def test_capped_policy_backward_is_finite_at_ties_and_exact_fills():
         out = capped_log_probs(leaf, ref[0], 3.0)  # 10 arms x 3/30 fill the mass exactly
         (grad,) = torch.autograd.grad((out.exp() * torch.arange(30, dtype=F64)).sum(), leaf)
         assert bool(torch.isfinite(grad).all())
+
+
+def test_occupancy_divergence_estimate_at_exact_logits_is_each_divergence():
+    """Weighted by mu_pi (the expectation of the sample mean over x ~ mu_pi), the estimate at d = log(mu_pi / mu_ref)
+    is KL, chi2 and TV exactly; sqrt_chi2 is the root of the chi2 estimate; sample means are unbiased."""
+    log_mu, log_ref = random_log_probs((10,), 27), random_log_probs((10,), 28)
+    mu = log_mu.exp()
+    d = log_mu - log_ref
+    for name in ("kl", "chi2", "tv"):
+        exact = float(categorical_divergence(log_mu, log_ref, name))
+        # the estimator is a mean of per-sample terms f(d); evaluate each term on one-sample inputs, weight by mu
+        terms = torch.stack([occupancy_divergence_estimate(d[i : i + 1], name) for i in range(10)])
+        assert float((mu * terms).sum()) == pytest.approx(exact, rel=1e-10), name
+    states = torch.multinomial(mu, 100_000, replacement=True, generator=gen(29))
+    chi2 = float(categorical_divergence(log_mu, log_ref, "chi2"))
+    sample = float(occupancy_divergence_estimate(d[states], "chi2"))
+    assert abs(z_score(torch.expm1(d[states]), chi2)) < K_SE
+    assert float(occupancy_divergence_estimate(d[states], "sqrt_chi2")) == pytest.approx(math.sqrt(sample), rel=1e-12)
+    masked = occupancy_divergence_estimate(torch.stack([d[0], torch.tensor(50.0, dtype=d.dtype)]), "kl",
+                                           mask=torch.tensor([True, False]))  # fmt: skip
+    assert float(masked) == pytest.approx(float(d[0]))
+    with pytest.raises(ValueError, match="divergence"):
+        occupancy_divergence_estimate(d, "hellinger")
+    with pytest.raises(ValueError, match="at least one"):
+        occupancy_divergence_estimate(d[:2], "kl", mask=torch.tensor([False, False]))
