@@ -8,6 +8,7 @@ Imports torch only; works on any ``nn.Module``, including a plain SB3 policy (pa
 from __future__ import annotations
 
 from pgvar.measure.decomposition import VarianceDecomposition, variance_decomposition
+from pgvar.measure.moments import MOMENT_METHODS, GradientMoments, gradient_moments
 from pgvar.measure.noise_scale import (
     NoiseScale,
     NormTest,
@@ -49,12 +50,15 @@ from pgvar.measure.trust_region import (
 __all__ = [
     "DEFAULT_STREAMING_MEMORY_BYTES",
     "EstimateStatistics",
+    "GradientMoments",
+    "MOMENT_METHODS",
     "GradientStatistics",
     "VarianceDecomposition",
     "estimate_statistics",
     "flat_names",
     "flatten",
     "flatten_per_sample",
+    "gradient_moments",
     "gradient_statistics",
     "gradient_statistics_from_norms",
     "gradient_statistics_streaming",

@@ -99,7 +99,7 @@ def per_sample_grad_sq_norms(
     >>> torch.allclose(sq, (g ** 2).sum(1))
     True
     """
-    sq_norms, _ = _sq_norms_and_grad_sum(
+    sq_norms, _, _ = _sq_norms_and_grad_sum(
         module, loss_fn, inputs, params=params, chunk_size=chunk_size, max_memory_bytes=max_memory_bytes
     )
     return sq_norms
@@ -113,8 +113,14 @@ def _sq_norms_and_grad_sum(
     params: ParamSelector,
     chunk_size: int | None,
     max_memory_bytes: int | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(||G_i||^2 [N] float64, sum_i G_i as name -> [*shape])`` by the squared-norm trick."""
+    coordinate_squares: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None]:
+    """``(||G_i||^2 [N] float64, sum_i G_i as name -> [*shape], sum_i G_i**2 or None)`` by the squared-norm trick.
+
+    With ``coordinate_squares`` the third element holds, per parameter, the float64 sum over samples of the
+    squared per-sample gradient, coordinate by coordinate (BackPACK's ``SumGradSquared``): for a Linear layer
+    with one row per sample, :math:`\\sum_i (G_i(W))^2 = (\\delta^{\\odot 2})^T (h^{\\odot 2})`; otherwise ``None``.
+    """
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
     if not callable(loss_fn) or isinstance(loss_fn, Mapping):
@@ -181,6 +187,11 @@ def _sq_norms_and_grad_sum(
         device = next(iter(diff.values())).device
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
         grad_sum = {name: torch.zeros_like(value) for name, value in diff.items()}
+        grad_sq_sum = (
+            {name: torch.zeros_like(value, dtype=torch.float64) for name, value in diff.items()}
+            if coordinate_squares
+            else None
+        )
         first_rows: dict[str, Tensor] = {}
         for start in range(0, n, step):
             chunk = tuple(x[start : start + step] for x in batch)
@@ -198,6 +209,8 @@ def _sq_norms_and_grad_sum(
                 name = key_[len(_PREFIX) :]
                 part += g.reshape(rows, -1).double().square().sum(dim=1)
                 grad_sum[name] += g.sum(dim=0)
+                if grad_sq_sum is not None:
+                    grad_sq_sum[name] += g.double().square().sum(dim=0)
                 first_rows[name] = g[0]
             for layer_name, (layer, weight_name, bias_name) in linear.items():
                 if len(layer_inputs[layer_name]) != len(calls[layer_name]):
@@ -212,6 +225,14 @@ def _sq_norms_and_grad_sum(
                     h, d, weight_name is not None, bias_name is not None
                 )
                 part += sq.double()
+                if grad_sq_sum is not None:
+                    weight_sq, bias_sq = _linear_coordinate_squares(
+                        h, d, weight_name is not None, bias_name is not None
+                    )
+                    if weight_name is not None and weight_sq is not None:
+                        grad_sq_sum[weight_name] += weight_sq
+                    if bias_name is not None and bias_sq is not None:
+                        grad_sq_sum[bias_name] += bias_sq
                 if weight_name is not None and weight_sum is not None:
                     grad_sum[weight_name] += weight_sum
                     if start == 0:
@@ -226,7 +247,7 @@ def _sq_norms_and_grad_sum(
     if cached is None:
         _check_first_sample(first_rows, probe_grads, closed_form)
         _PROBE_CACHE.setdefault(module, {})[key] = calls
-    return sq_norms, grad_sum
+    return sq_norms, grad_sum, grad_sq_sum
 
 
 #: Per module: what the probe learned (Linear calls and per-sample output shapes) for a loss function, parameter
@@ -341,6 +362,32 @@ def _linear_sq_norms_and_sums(
         sq = sq + d_per_sample.square().sum(dim=1)
         bias_sum = d_per_sample.sum(dim=0)
     return sq, (weight_sum, bias_sum)
+
+
+def _linear_coordinate_squares(h: Tensor, d: Tensor, weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Per-coordinate ``sum_i G_i(W)**2`` ``[out, in]`` and ``sum_i G_i(b)**2`` ``[out]`` (summed in the input
+    dtype, returned as float64).
+
+    One row per sample (``T = 1``): ``G_i(W) = d_i h_i^T`` squares coordinate-wise to ``d_i**2 (h_i**2)^T``, so the
+    sum over samples is one matrix product ``(d**2)^T (h**2)`` (Dangel et al. 2020, BackPACK's ``SumGradSquared``,
+    arXiv:1912.10985): no ``[N, out, in]`` tensor. Several rows per sample: ``G_i(W) = sum_t d_it h_it^T`` is
+    formed per sample (``[N, out, in]`` for this chunk) and squared.
+    """
+    n, t, d_in = h.shape
+    d_out = d.shape[2]
+    weight_sq = bias_sq = None
+    if t == 1:
+        d_sq = d.reshape(n, d_out).square()
+        if weight:
+            weight_sq = (d_sq.T @ h.reshape(n, d_in).square()).double()
+        if bias:
+            bias_sq = d_sq.sum(dim=0).double()
+        return weight_sq, bias_sq
+    if weight:
+        weight_sq = torch.bmm(d.transpose(1, 2), h).double().square().sum(dim=0)
+    if bias:
+        bias_sq = d.sum(dim=1).double().square().sum(dim=0)
+    return weight_sq, bias_sq
 
 
 def _check_first_sample(

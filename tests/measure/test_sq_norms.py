@@ -39,7 +39,7 @@ def test_matches_vmap_on_gaussian_mlp_with_log_std(gaussian_batch):
 
 def test_sum_of_gradients_matches_batched_backward(gaussian_batch):
     policy, inputs = gaussian_batch
-    _, grad_sum = _sq_norms_and_grad_sum(
+    _, grad_sum, _ = _sq_norms_and_grad_sum(
         policy, pg_loss, inputs, params=None, chunk_size=None, max_memory_bytes=None
     )
     named = dict(policy.named_parameters())
