@@ -639,8 +639,9 @@ def test_after_update_at_ratio_one_equals_the_first_step_measurement():
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])
 def test_after_update_statistics_equal_a_loop_reference_after_a_real_ppo_update(method):
-    model = make_model(PPO, "CartPole-v1", n_steps=128, learning_rate=3e-3, n_epochs=10)
-    callback = AfterUpdateCallback(max_samples=64, method=method)
+    # a small clip range, so that the clip binds on some samples after the update
+    model = make_model(PPO, "CartPole-v1", n_steps=128, learning_rate=1e-2, n_epochs=10, clip_range=0.05)
+    callback = AfterUpdateCallback(max_samples=128, method=method)
     model.learn(2 * model.n_steps, callback=callback)
     assert len(callback.after) == 2  # at the next rollout start, and at training end
     for record in callback.after:
