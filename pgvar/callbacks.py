@@ -2,17 +2,11 @@ r"""SB3 callback that logs the variance of the policy-gradient estimate during t
 
 :class:`GradientVarianceCallback` works on any SB3 on-policy algorithm (SB3's ``PPO`` and ``A2C``,
 sb3-contrib's ``TRPO``, pgvar's subclasses) and writes ``pgvar/...`` keys to the algorithm's logger, so they
-reach stdout, CSV and TensorBoard like SB3's own ``train/...`` keys. It measures two things:
-
-1. At ``on_rollout_end`` (the buffer is full, advantages are computed, the policy is not yet updated): the
-   per-sample policy-gradient terms :math:`G_i = -\tilde A_i \nabla_\theta \log\pi_\theta(a_i \mid s_i)` of the
-   coming update, with the algorithm's own advantage normalization (:math:`\tilde A`), and their covariance
-   trace, the variance at the algorithm's batch size, the SNR, and how well minibatch gradients agree with the
-   full-batch gradient (computed by :mod:`pgvar.measure`).
-2. During ``train()``: the norm of the total-loss gradient *before* ``clip_grad_norm_`` clips it, which SB3
-   computes and throws away. Parameter hooks (``register_post_accumulate_grad_hook``) read each gradient after
-   ``backward()`` and before clipping; an optimizer step pre-hook closes each step. The values are logged at
-   the next ``on_rollout_end``, since SB3 has no callback hook after ``train()``.
+reach stdout, CSV and TensorBoard like SB3's own ``train/...`` keys. It measures, with :mod:`pgvar.measure`:
+the per-sample policy-gradient terms of the coming update at ``on_rollout_end`` (trace, SNR, noise scale, mean
+GSNR, minibatch cosines); the total-loss gradient norm before ``clip_grad_norm_`` during ``train()`` (parameter
+and optimizer hooks: SB3 has no callback hook inside ``train()``); and after ``train()``, the clipped-surrogate
+gradient the last epoch sees and the trust-region diagnostics of the update.
 
 See ``docs/guide/callback.md`` for the table of keys and how to read them.
 """
@@ -118,39 +112,26 @@ class GradientVarianceCallback(BaseCallback):
     minibatch is part of the batch, which raises the cosine when there are few parts) and with the other
     minibatch gradients (``minibatch_pairwise_cosine``, Ilyas et al. 2020, arXiv:1811.02553).
 
-    Gradient norm before clipping: for algorithms that clip (``model.max_grad_norm > 0``: PPO, A2C), the norm
-    :math:`\|\nabla_\theta L\|` of the **total** loss (policy, entropy and value terms, all policy parameters),
-    exactly what ``clip_grad_norm_`` computes, at every optimizer step of the measured update; the mean, the
-    max and the fraction of steps that were clipped are logged at the next ``on_rollout_end`` (or kept in the
-    logger at ``on_training_end``). TRPO's actor step does not clip (``max_grad_norm = 0``), so these keys are
-    not written for it; its actor step follows :math:`m` (``pg_grad_norm``).
+    Gradient norm before clipping (PPO, A2C: ``model.max_grad_norm > 0``): the norm of the **total** loss's
+    gradient at every optimizer step of the measured update, as ``clip_grad_norm_`` computes it; its mean, max
+    and the fraction of clipped steps are logged at the next ``on_rollout_end`` (TRPO does not clip).
 
-    Batch size: from the same statistics, the simple gradient noise scale
-    :math:`B_{\text{simple}} = \operatorname{tr}\widehat\Sigma / (\|m\|^2 - \operatorname{tr}\widehat\Sigma/N)`
-    (``noise_scale``, :func:`pgvar.measure.gradient_noise_scale`) and the batch size the norm test asks for at
-    ``norm_test_theta``, :math:`\operatorname{tr}\widehat\Sigma / (\theta^2 \|m\|^2)`
-    (``norm_test_batch_size``, :func:`pgvar.measure.norm_test`), and Cockpit's mean per-coordinate GSNR
-    :math:`\frac1P \sum_j m_j^2 / (\overline{G^2_j} - m_j^2 + 10^{-5})` (``mean_gsnr``,
-    :func:`pgvar.measure.mean_gsnr`) from the per-coordinate moments of :func:`pgvar.measure.gradient_moments`.
+    Batch size and GSNR: the noise scale :math:`B_{\text{simple}}` (``noise_scale``,
+    :func:`pgvar.measure.gradient_noise_scale`), the norm test's batch size at ``norm_test_theta``
+    (``norm_test_batch_size``, :func:`pgvar.measure.norm_test`) and Cockpit's mean GSNR (``mean_gsnr``, from the
+    per-coordinate moments of :func:`pgvar.measure.gradient_moments`).
 
-    Trust region: after a measured update (at the next ``on_rollout_start``, or at ``on_training_end`` after the
-    last update), one no-grad forward pass over the rollout's observations and actions, kept at
-    ``on_rollout_end``, gives :math:`\log\pi_{\text{new}}(a_i|s_i)`; against the buffer's ``log_probs`` (the
-    behaviour policy) :func:`pgvar.measure.trust_region_diagnostics` gives ``ess`` (normalized), ``max_ratio``,
-    ``kl_k1``, ``kl_k3`` and, for algorithms with a ``clip_range`` (PPO), ``clip_fraction``.
+    After the update (next ``on_rollout_start``, or ``on_training_end``): the trust-region diagnostics of the
+    whole rollout (``ess``, ``max_ratio``, ``kl_k1``, ``kl_k3``, ``clip_fraction``,
+    :func:`pgvar.measure.trust_region_diagnostics`) and, with ``measure_after_update``, on the same :math:`N`
+    samples and normalized advantages, the statistics of PPO's clipped surrogate
+    (:func:`pgvar.measure.clipped_surrogate_loss`, unclipped without a ``clip_range``) at the updated policy,
+    the gradient the last epoch sees, under ``pgvar/after_update/...``.
 
-    The gradient after the update (``measure_after_update``): at the same time, on the same :math:`N` samples
-    with the same normalized advantages, the per-sample gradients of PPO's clipped surrogate
-    :math:`-\min(w_i \tilde A_i, \operatorname{clip}(w_i, 1 \pm \epsilon) \tilde A_i)`
-    (:func:`pgvar.measure.clipped_surrogate_loss`; the unclipped :math:`-w_i \tilde A_i` without a ``clip_range``)
-    at the updated policy, :math:`w_i` against the stored behaviour log-probs: the gradient the last epoch sees.
-    The statistics above (trace, SNR, noise scale, mean GSNR), the cosine to the first-step :math:`m`, and the
-    trust-region diagnostics of these samples are logged under ``pgvar/after_update/...``.
-
-    Cost: one batched forward and backward over :math:`N` samples (``method="norms"``, the squared-norm trick
-    of :func:`pgvar.measure.gradient_statistics_from_norms`) or a streamed ``vmap`` (``method="vmap"``), plus
-    one backward per compared minibatch. The global RNGs are not touched: training with and without the
-    callback gives the same parameters.
+    Cost: one batched forward and backward over :math:`N` samples (``method="norms"``, the squared-norm trick)
+    or a chunked ``vmap`` (``method="vmap"``), plus one backward per compared minibatch, and one more pass after
+    the update. The global RNGs are not touched: training with and without the callback gives the same
+    parameters.
 
     :param every_n_updates: measure at the first update and then every ``every_n_updates`` updates
     :param max_samples: at most this many samples per measurement (bounds the cost); ``N`` is rounded down to
@@ -215,7 +196,6 @@ class GradientVarianceCallback(BaseCallback):
         self._step_norms: list[Tensor] = []
         self._capture_max_grad_norm = 0.0
         self._rollout_snapshot: tuple[Tensor, Tensor, tuple[Tensor, ...]] | None = None
-        # (inputs of the first-step measurement, their flat buffer indices, its mean gradient, B)
         self._measured: tuple[tuple[Tensor, ...], np.ndarray, Tensor, int] | None = None
         self._after_update_inputs: tuple[tuple[Tensor, ...], Tensor, int] | None = None
 
