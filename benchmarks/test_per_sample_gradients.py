@@ -12,17 +12,35 @@ Cases, on HalfCheetah-v5 data (see ``_data.py``) and the actor of SB3's default 
   accumulators), and at the largest N its peak extra memory in a fresh process (target < 0.5 GB at N = 32768,
   where the full tensor alone is 748 MB).
 
-Run: ``python -m pytest benchmarks --benchmark-enable`` (full) or ``python -m pytest benchmarks -q`` (smoke).
-Speeds are reported, not asserted (the machine is shared); the memory bound is asserted in the full run.
+Beside the field's libraries, on a bare 17-64-64-6 tanh MLP (``nn.Sequential`` of ``nn.Linear``, the same
+HalfCheetah data, the loss ``sum_i A_i ||a_i - mu(s_i)||^2 / 2``: a unit-variance Gaussian ``-A log pi`` up to a
+constant), so that SB3's ``evaluate_actions`` does not hide the cost of the statistics; every row computes the
+covariance trace and the mean gradient, and all rows must agree:
+
+- ``bare MLP: batched backward``: the reference of these rows;
+- ``bare MLP: pgvar norms route``: :func:`pgvar.measure.gradient_statistics_from_norms`;
+- ``bare MLP: pgvar moments``: :func:`pgvar.measure.gradient_moments` (adds the per-coordinate second moment);
+- ``bare MLP: pgvar vmap``: :func:`pgvar.measure.per_sample_gradients` (``[N, P]``) and its statistics;
+- ``bare MLP: BackPACK BatchL2Grad``: the ``extend``-ed module, ``BatchL2Grad`` norms and ``.grad``;
+- ``bare MLP: Opacus GradSampleModule``: ``grad_sample`` (``[N, P]``), ``loss_reduction="sum"``.
+
+BackPACK (``backpack-for-pytorch``) and Opacus are the ``bench`` extra; their rows are skipped when the package is
+not installed (CI does not install them).
+
+Run: ``python -m pytest benchmarks/test_per_sample_gradients.py --benchmark-enable -s`` (full) or
+``python -m pytest benchmarks -q`` (smoke). Speeds are reported, not asserted (the machine is shared); the memory
+bound is asserted in the full run.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import _data
 import pytest
 import torch
+from torch import nn
 
 RESULTS, THREADS = _data.RESULTS, _data.THREADS
 ROUNDS = {2048: 30, 8192: 10, 32768: 3}
@@ -170,3 +188,104 @@ def test_peak_memory_at_largest_batch(halfcheetah, smoke, route_name):
     RESULTS.append({"case": f"{route_name} route", **measured, "note": note})
     if route_name == "streaming" and not smoke:
         assert measured["extra_peak_mb"] < MEMORY_LIMIT_MB
+
+
+# ------------------------------------------------------------------------ bare MLP, beside BackPACK and Opacus
+def bare_mlp() -> nn.Sequential:
+    """17-64-64-6 tanh MLP, seeded: every row gets a module with the same weights."""
+    torch.manual_seed(_data.SEED)
+    return nn.Sequential(nn.Linear(17, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 6))
+
+
+def bare_loss(module: nn.Module, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """``sum_i A_i ||a_i - mu(s_i)||^2 / 2``: ``-sum_i A_i log N(a_i; mu(s_i), I)`` up to a constant."""
+    return (advantages * 0.5 * (module(obs) - actions).square().sum(-1)).sum()
+
+
+def bare_route(name: str, module: nn.Module, inputs):
+    """One bare-MLP route: ``(covariance trace, mean gradient [P])`` (statistics for all but the reference)."""
+    from pgvar.measure import (
+        flatten_per_sample,
+        gradient_moments,
+        gradient_statistics,
+        gradient_statistics_from_norms,
+        gradient_statistics_from_sq_norms,
+        per_sample_gradients,
+    )
+
+    n = inputs[0].shape[0]
+    if name == "backward":
+        return torch.autograd.grad(bare_loss(module, *inputs) / n, list(module.parameters()))
+    if name == "norms":
+        return gradient_statistics_from_norms(module, bare_loss, inputs)
+    if name == "moments":
+        return gradient_moments(module, bare_loss, inputs).statistics()
+    if name == "vmap":
+        return gradient_statistics(per_sample_gradients(module, bare_loss, inputs))
+    if name == "backpack":
+        from backpack import backpack
+        from backpack.extensions import BatchL2Grad
+
+        loss = bare_loss(module, *inputs)
+        with backpack(BatchL2Grad()):
+            loss.backward()
+        params = [p for _, p in sorted(module.named_parameters())]  # pgvar's flat order: sorted by name
+        sq_norms = torch.stack([p.batch_l2 for p in params]).sum(0)
+        mean = torch.cat([p.grad.reshape(-1) for p in params]) / n
+        module.zero_grad(set_to_none=True)
+        return gradient_statistics_from_sq_norms(sq_norms, mean)
+    if name == "opacus":
+        bare_loss(module, *inputs).backward()
+        grads = {p_name: p.grad_sample for p_name, p in module.named_parameters()}
+        module.zero_grad(set_to_none=True)  # also clears grad_sample
+        return gradient_statistics(flatten_per_sample(grads))
+    raise ValueError(f"route must be a bare-MLP route name, got {name!r}")
+
+
+def _backpack_module() -> nn.Module:
+    backpack = pytest.importorskip(
+        "backpack", reason="BackPACK (backpack-for-pytorch, the bench extra) is not installed: row skipped"
+    )
+    return backpack.extend(bare_mlp())
+
+
+def _opacus_module() -> nn.Module:
+    opacus = pytest.importorskip("opacus", reason="Opacus (the bench extra) is not installed: row skipped")
+    return opacus.GradSampleModule(bare_mlp(), loss_reduction="sum")
+
+
+BARE_ROUTES = {
+    "norms": ("bare MLP: pgvar norms route", bare_mlp),
+    "moments": ("bare MLP: pgvar moments (+GSNR)", bare_mlp),
+    "vmap": ("bare MLP: pgvar vmap", bare_mlp),
+    "backpack": ("bare MLP: BackPACK BatchL2Grad", _backpack_module),
+    "opacus": ("bare MLP: Opacus GradSampleModule", _opacus_module),
+}
+
+
+def test_bare_mlp_batched_backward(benchmark, smoke, inputs, n_samples):
+    module = bare_mlp()
+    backward = lambda: bare_route("backward", module, inputs)  # noqa: E731
+    run_case(benchmark, smoke, "bare MLP: batched backward (ref.)", n_samples, backward, backward)
+
+
+@pytest.mark.parametrize("route_name", list(BARE_ROUTES))
+def test_bare_mlp_per_sample_statistics(benchmark, smoke, inputs, n_samples, route_name):
+    case, make_module = BARE_ROUTES[route_name]
+    module = make_module()
+    reference = bare_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BackPACK's and Opacus's full-backward-hook warnings
+        stats = run_case(
+            benchmark,
+            smoke,
+            case,
+            n_samples,
+            lambda: bare_route(route_name, module, inputs),
+            lambda: bare_route("backward", reference, inputs),
+            target=1.5 if route_name == "norms" and n_samples >= 8192 else None,
+        )
+    exact = bare_route("vmap", bare_mlp(), inputs)  # every route: the same statistics
+    assert stats.covariance_trace == pytest.approx(exact.covariance_trace, rel=1e-4)
+    torch.testing.assert_close(stats.mean, exact.mean, rtol=1e-4, atol=1e-6)
+    RESULTS[-1]["note"] = f"trace {stats.covariance_trace:.4g}, SNR {stats.snr:.3f}"

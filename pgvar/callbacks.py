@@ -2,17 +2,11 @@ r"""SB3 callback that logs the variance of the policy-gradient estimate during t
 
 :class:`GradientVarianceCallback` works on any SB3 on-policy algorithm (SB3's ``PPO`` and ``A2C``,
 sb3-contrib's ``TRPO``, pgvar's subclasses) and writes ``pgvar/...`` keys to the algorithm's logger, so they
-reach stdout, CSV and TensorBoard like SB3's own ``train/...`` keys. It measures two things:
-
-1. At ``on_rollout_end`` (the buffer is full, advantages are computed, the policy is not yet updated): the
-   per-sample policy-gradient terms :math:`G_i = -\tilde A_i \nabla_\theta \log\pi_\theta(a_i \mid s_i)` of the
-   coming update, with the algorithm's own advantage normalization (:math:`\tilde A`), and their covariance
-   trace, the variance at the algorithm's batch size, the SNR, and how well minibatch gradients agree with the
-   full-batch gradient (computed by :mod:`pgvar.measure`).
-2. During ``train()``: the norm of the total-loss gradient *before* ``clip_grad_norm_`` clips it, which SB3
-   computes and throws away. Parameter hooks (``register_post_accumulate_grad_hook``) read each gradient after
-   ``backward()`` and before clipping; an optimizer step pre-hook closes each step. The values are logged at
-   the next ``on_rollout_end``, since SB3 has no callback hook after ``train()``.
+reach stdout, CSV and TensorBoard like SB3's own ``train/...`` keys. It measures, with :mod:`pgvar.measure`:
+the per-sample policy-gradient terms of the coming update at ``on_rollout_end`` (trace, SNR, noise scale, mean
+GSNR, minibatch cosines); the total-loss gradient norm before ``clip_grad_norm_`` during ``train()`` (parameter
+and optimizer hooks: SB3 has no callback hook inside ``train()``); and after ``train()``, the clipped-surrogate
+gradient the last epoch sees and the trust-region diagnostics of the update.
 
 See ``docs/guide/callback.md`` for the table of keys and how to read them.
 """
@@ -34,11 +28,12 @@ from pgvar._sb3_policy import actor_parameter_names, buffer_rows, log_prob_loss,
 from pgvar._validation import check_choice, check_positive
 from pgvar.estimators import normalize_advantages
 from pgvar.measure import (
+    GradientMoments,
     GradientStatistics,
+    clipped_surrogate_loss,
     flatten,
+    gradient_moments,
     gradient_noise_scale,
-    gradient_statistics_from_norms,
-    gradient_statistics_streaming,
     norm_test,
     pairwise_cosine,
     trust_region_diagnostics,
@@ -68,6 +63,10 @@ KEY_MAX_RATIO = "pgvar/max_ratio"
 KEY_KL_K1 = "pgvar/kl_k1"
 KEY_KL_K3 = "pgvar/kl_k3"
 KEY_RATIO_CLIP_FRACTION = "pgvar/clip_fraction"
+KEY_MEAN_GSNR = "pgvar/mean_gsnr"
+#: Prefix of the keys of the gradient measured after the update (``measure_after_update``).
+AFTER_UPDATE_PREFIX = "pgvar/after_update/"
+KEY_COSINE_TO_FIRST_STEP = AFTER_UPDATE_PREFIX + "cosine_to_first_step"
 
 #: The norm test's default tolerance, :func:`pgvar.measure.norm_test`'s own.
 DEFAULT_NORM_TEST_THETA: float = inspect.signature(norm_test).parameters["theta"].default
@@ -113,30 +112,26 @@ class GradientVarianceCallback(BaseCallback):
     minibatch is part of the batch, which raises the cosine when there are few parts) and with the other
     minibatch gradients (``minibatch_pairwise_cosine``, Ilyas et al. 2020, arXiv:1811.02553).
 
-    Gradient norm before clipping: for algorithms that clip (``model.max_grad_norm > 0``: PPO, A2C), the norm
-    :math:`\|\nabla_\theta L\|` of the **total** loss (policy, entropy and value terms, all policy parameters),
-    exactly what ``clip_grad_norm_`` computes, at every optimizer step of the measured update; the mean, the
-    max and the fraction of steps that were clipped are logged at the next ``on_rollout_end`` (or kept in the
-    logger at ``on_training_end``). TRPO's actor step does not clip (``max_grad_norm = 0``), so these keys are
-    not written for it; its actor step follows :math:`m` (``pg_grad_norm``).
+    Gradient norm before clipping (PPO, A2C: ``model.max_grad_norm > 0``): the norm of the **total** loss's
+    gradient at every optimizer step of the measured update, as ``clip_grad_norm_`` computes it; its mean, max
+    and the fraction of clipped steps are logged at the next ``on_rollout_end`` (TRPO does not clip).
 
-    Batch size: from the same statistics, the simple gradient noise scale
-    :math:`B_{\text{simple}} = \operatorname{tr}\widehat\Sigma / (\|m\|^2 - \operatorname{tr}\widehat\Sigma/N)`
-    (``noise_scale``, :func:`pgvar.measure.gradient_noise_scale`) and the batch size the norm test asks for at
-    ``norm_test_theta``, :math:`\operatorname{tr}\widehat\Sigma / (\theta^2 \|m\|^2)`
-    (``norm_test_batch_size``, :func:`pgvar.measure.norm_test`). The mean per-coordinate GSNR is not logged: it
-    needs per-coordinate second moments, which neither route keeps.
+    Batch size and GSNR: the noise scale :math:`B_{\text{simple}}` (``noise_scale``,
+    :func:`pgvar.measure.gradient_noise_scale`), the norm test's batch size at ``norm_test_theta``
+    (``norm_test_batch_size``, :func:`pgvar.measure.norm_test`) and Cockpit's mean GSNR (``mean_gsnr``, from the
+    per-coordinate moments of :func:`pgvar.measure.gradient_moments`).
 
-    Trust region: after a measured update (at the next ``on_rollout_start``, or at ``on_training_end`` after the
-    last update), one no-grad forward pass over the rollout's observations and actions, kept at
-    ``on_rollout_end``, gives :math:`\log\pi_{\text{new}}(a_i|s_i)`; against the buffer's ``log_probs`` (the
-    behaviour policy) :func:`pgvar.measure.trust_region_diagnostics` gives ``ess`` (normalized), ``max_ratio``,
-    ``kl_k1``, ``kl_k3`` and, for algorithms with a ``clip_range`` (PPO), ``clip_fraction``.
+    After the update (next ``on_rollout_start``, or ``on_training_end``): the trust-region diagnostics of the
+    whole rollout (``ess``, ``max_ratio``, ``kl_k1``, ``kl_k3``, ``clip_fraction``,
+    :func:`pgvar.measure.trust_region_diagnostics`) and, with ``measure_after_update``, on the same :math:`N`
+    samples and normalized advantages, the statistics of PPO's clipped surrogate
+    (:func:`pgvar.measure.clipped_surrogate_loss`, unclipped without a ``clip_range``) at the updated policy,
+    the gradient the last epoch sees, under ``pgvar/after_update/...``.
 
-    Cost: one batched forward and backward over :math:`N` samples (``method="norms"``, the squared-norm trick
-    of :func:`pgvar.measure.gradient_statistics_from_norms`) or a streamed ``vmap`` (``method="vmap"``), plus
-    one backward per compared minibatch. The global RNGs are not touched: training with and without the
-    callback gives the same parameters.
+    Cost: one batched forward and backward over :math:`N` samples (``method="norms"``, the squared-norm trick)
+    or a chunked ``vmap`` (``method="vmap"``), plus one backward per compared minibatch, and one more pass after
+    the update. The global RNGs are not touched: training with and without the callback gives the same
+    parameters.
 
     :param every_n_updates: measure at the first update and then every ``every_n_updates`` updates
     :param max_samples: at most this many samples per measurement (bounds the cost); ``N`` is rounded down to
@@ -146,6 +141,8 @@ class GradientVarianceCallback(BaseCallback):
     :param method: ``"auto"`` (the squared-norm trick, falling back to ``vmap`` when the policy has a layer the
         trick cannot handle), ``"norms"`` or ``"vmap"``
     :param norm_test_theta: the norm test's tolerance :math:`\theta` (> 0) for ``norm_test_batch_size``
+    :param measure_after_update: also measure the clipped-surrogate gradient at the updated policy (one more
+        pass like the first, ``pgvar/after_update/...`` keys)
     :param seed: seed of the callback's own generator for drawing minibatches; ``None``: the model's seed
     :param verbose: 0 silent, 1 warnings about skipped measurements, 2 also a line per measurement
     :raises TypeError: at the start of ``learn()``, for a model that is not an on-policy algorithm (SAC, DQN, ...:
@@ -169,6 +166,7 @@ class GradientVarianceCallback(BaseCallback):
         seed: int | None = None,
         verbose: int = 0,
         norm_test_theta: float = DEFAULT_NORM_TEST_THETA,
+        measure_after_update: bool = True,
     ) -> None:
         super().__init__(verbose=verbose)
         self.every_n_updates = int(check_positive("every_n_updates", every_n_updates, integer=True))
@@ -185,6 +183,9 @@ class GradientVarianceCallback(BaseCallback):
         ):
             raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self.seed = seed
+        if not isinstance(measure_after_update, bool):
+            raise ValueError(f"measure_after_update must be True or False, got {measure_after_update!r}")
+        self.measure_after_update = measure_after_update
         #: Values written to the logger by the latest measurement (key -> float).
         self.last_values: dict[str, float] = {}
         self._n_rollouts = 0
@@ -195,6 +196,8 @@ class GradientVarianceCallback(BaseCallback):
         self._step_norms: list[Tensor] = []
         self._capture_max_grad_norm = 0.0
         self._rollout_snapshot: tuple[Tensor, Tensor, tuple[Tensor, ...]] | None = None
+        self._measured: tuple[tuple[Tensor, ...], np.ndarray, Tensor, int] | None = None
+        self._after_update_inputs: tuple[tuple[Tensor, ...], Tensor, int] | None = None
 
     # ------------------------------------------------------------------------------------------ SB3 hooks
     def _init_callback(self) -> None:
@@ -232,11 +235,11 @@ class GradientVarianceCallback(BaseCallback):
             self._start_grad_norm_capture(float(max_grad_norm))
 
     def _on_rollout_start(self) -> None:
-        self._record(self.measure_trust_region())
+        self._record({**self.measure_gradient_after_update(), **self.measure_trust_region()})
 
     def _on_training_end(self) -> None:
         self._finish_grad_norm_capture()
-        self._record(self.measure_trust_region())
+        self._record({**self.measure_gradient_after_update(), **self.measure_trust_region()})
 
     # ------------------------------------------------------------------------------ layout and sampling
     def actor_update_layout(self, model: Any) -> tuple[int, str]:
@@ -316,24 +319,17 @@ class GradientVarianceCallback(BaseCallback):
         loss_fn = log_prob_loss(_observation_keys(buffer))
 
         with torch.enable_grad():
-            stats = self._statistics(policy, loss_fn, inputs, names)
+            moments = self._moments(policy, loss_fn, inputs, names)
             minibatch_grads = self._minibatch_gradients(
                 policy, loss_fn, inputs, names, minibatches.shape, n_kept
             )
-
+        stats = moments.statistics()
+        self._measured = (inputs, kept, stats.mean, batch_size)
         trace, n = stats.covariance_trace, stats.n
-        mean_sq = stats.mean_norm**2
-        var_at_batch = trace / batch_size
         values = {
-            KEY_COV_TRACE: trace,
-            KEY_VAR_AT_BATCH: var_at_batch,
-            KEY_SNR: _ratio(mean_sq, var_at_batch),
-            KEY_SNR_DEBIASED: _ratio(mean_sq - trace / n, var_at_batch),
-            KEY_NORM: stats.mean_norm,
+            **self._gradient_values(stats, moments, batch_size),
             KEY_N_SAMPLES: float(n),
             KEY_BATCH_SIZE: float(batch_size),
-            KEY_NOISE_SCALE: gradient_noise_scale(stats).b_simple,
-            KEY_NORM_TEST_BATCH_SIZE: norm_test(stats, theta=self.norm_test_theta).batch_size,
         }
         if minibatch_grads is not None:
             values[KEY_COSINE_TO_BATCH] = float(np.mean([stats.cosine_to(g) for g in minibatch_grads]))
@@ -346,9 +342,25 @@ class GradientVarianceCallback(BaseCallback):
             )
         return values
 
+    def _gradient_values(self, stats: GradientStatistics, moments: GradientMoments, batch_size: int) -> dict:
+        """The ``pgvar/...`` statistics of one measured gradient, at the algorithm's batch size ``B``."""
+        trace, mean_sq = stats.covariance_trace, stats.mean_norm**2
+        var_at_batch = trace / batch_size
+        return {
+            KEY_COV_TRACE: trace,
+            KEY_VAR_AT_BATCH: var_at_batch,
+            KEY_SNR: _ratio(mean_sq, var_at_batch),
+            KEY_SNR_DEBIASED: _ratio(mean_sq - trace / stats.n, var_at_batch),
+            KEY_NORM: stats.mean_norm,
+            KEY_NOISE_SCALE: gradient_noise_scale(stats).b_simple,
+            KEY_NORM_TEST_BATCH_SIZE: norm_test(stats, theta=self.norm_test_theta).batch_size,
+            KEY_MEAN_GSNR: moments.mean_gsnr(),
+        }
+
     def _snapshot_rollout(self) -> None:
-        """Keep the rollout's actions, observations and behaviour log-probs for :meth:`measure_trust_region`
-        (``RolloutBuffer.reset`` at the next rollout start discards them)."""
+        """Keep the rollout's actions, observations and behaviour log-probs for :meth:`measure_trust_region`, and
+        the measured samples for :meth:`measure_gradient_after_update` (``RolloutBuffer.reset`` at the next
+        rollout start discards the buffer)."""
         model: Any = self.model
         buffer = model.rollout_buffer
         device = model.policy.device
@@ -356,6 +368,49 @@ class GradientVarianceCallback(BaseCallback):
         actions, *observations = self._policy_inputs(buffer, np.arange(n_total), device)
         old_log_prob = torch.as_tensor(buffer_rows(buffer, "log_probs"), device=device).reshape(n_total)
         self._rollout_snapshot = (old_log_prob, actions, tuple(observations))
+        if self.measure_after_update and self._measured is not None:
+            (advantages, *rest), kept, first_mean, batch_size = self._measured
+            index = torch.as_tensor(kept, device=device)
+            self._after_update_inputs = ((advantages, old_log_prob[index], *rest), first_mean, batch_size)
+        self._measured = None
+
+    def measure_gradient_after_update(self) -> dict[str, float]:
+        """Statistics of the clipped-surrogate gradient at the updated policy (``pgvar/after_update/...`` keys).
+
+        On the samples, normalized advantages and behaviour log-probs of the latest measured update, kept at
+        ``on_rollout_end``; used once. Called by ``on_rollout_start`` and ``on_training_end`` when
+        ``measure_after_update`` is on.
+
+        :return: key -> value; empty when nothing is kept
+        """
+        if self._after_update_inputs is None:
+            return {}
+        inputs, first_mean, batch_size = self._after_update_inputs
+        self._after_update_inputs = None
+        model: Any = self.model
+        policy = model.policy
+        keys = _observation_keys(model.rollout_buffer)
+        clip_range = _clip_range(model)
+        loss_fn = _clipped_surrogate_loss_fn(keys, clip_range)
+        advantages, old_log_prob, actions, *observations = inputs
+        was_training = policy.training
+        policy.set_training_mode(False)  # as at on_rollout_end, where the first step was measured
+        try:
+            with torch.enable_grad():
+                moments = self._moments(policy, loss_fn, inputs, actor_parameter_names(policy))
+            with torch.no_grad():
+                obs: Any = dict(zip(keys, observations)) if keys is not None else observations[0]
+                log_prob = policy_log_prob(policy, obs, actions)
+        finally:
+            policy.set_training_mode(was_training)
+        stats = moments.statistics()
+        values = {
+            **self._gradient_values(stats, moments, batch_size),
+            **self._trust_values(log_prob, old_log_prob, clip_range),
+        }
+        after = {AFTER_UPDATE_PREFIX + key[len("pgvar/") :]: value for key, value in values.items()}
+        after[KEY_COSINE_TO_FIRST_STEP] = stats.cosine_to(first_mean)
+        return after
 
     def measure_trust_region(self) -> dict[str, float]:
         """Trust-region diagnostics of the latest measured update on its rollout (``pgvar/ess`` ... keys).
@@ -380,7 +435,11 @@ class GradientVarianceCallback(BaseCallback):
                 log_prob = policy_log_prob(policy, obs, actions)
         finally:
             policy.set_training_mode(was_training)
-        diagnostics = trust_region_diagnostics(log_prob, old_log_prob, clip_range=_clip_range(model))
+        return self._trust_values(log_prob, old_log_prob, _clip_range(model))
+
+    @staticmethod
+    def _trust_values(log_prob: Tensor, old_log_prob: Tensor, clip_range: float | None) -> dict[str, float]:
+        diagnostics = trust_region_diagnostics(log_prob, old_log_prob, clip_range=clip_range)
         values = {
             KEY_ESS: diagnostics.effective_sample_size,
             KEY_MAX_RATIO: diagnostics.max_ratio,
@@ -401,14 +460,14 @@ class GradientVarianceCallback(BaseCallback):
             parts = [buffer_rows(buffer, "observations", kept)]
         return (actions, *(torch.as_tensor(part, device=device) for part in parts))
 
-    def _statistics(
+    def _moments(
         self, policy: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], names: list[str]
-    ) -> GradientStatistics:
+    ) -> GradientMoments:
         if self._resolved_method in (None, "norms"):
             try:
-                stats = gradient_statistics_from_norms(policy, loss_fn, inputs, params=names)
+                moments = gradient_moments(policy, loss_fn, inputs, params=names, method="norms")
                 self._resolved_method = "norms"
-                return stats
+                return moments
             except ValueError as error:
                 if self._resolved_method == "norms":
                     raise
@@ -419,7 +478,7 @@ class GradientVarianceCallback(BaseCallback):
                         "using vmap per-sample gradients",
                         stacklevel=2,
                     )
-        return gradient_statistics_streaming(policy, loss_fn, inputs, params=names)
+        return gradient_moments(policy, loss_fn, inputs, params=names, method="vmap")
 
     def _minibatch_gradients(
         self,
@@ -524,6 +583,17 @@ def _clip_range(model: Any) -> float | None:
     if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
         return float(clip)
     return None
+
+
+def _clipped_surrogate_loss_fn(keys: list[str] | None, clip_range: float | None) -> Callable[..., Tensor]:
+    """``loss_fn(module, advantages, old_log_prob, actions, *observations)``: the summed clipped surrogate."""
+
+    def loss_fn(module: Any, advantages: Tensor, old_log_prob: Tensor, actions: Tensor, *observations: Tensor) -> Tensor:
+        obs: Any = dict(zip(keys, observations)) if keys is not None else observations[0]
+        log_prob = policy_log_prob(module, obs, actions)
+        return clipped_surrogate_loss(log_prob, old_log_prob, advantages, clip_range=clip_range).sum()
+
+    return loss_fn
 
 
 def _observation_keys(buffer: Any) -> list[str] | None:

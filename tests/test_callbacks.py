@@ -20,7 +20,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
-from pgvar._sb3_policy import policy_log_prob
+from pgvar._sb3_policy import detached_policy_copy, policy_log_prob
 from pgvar.callbacks import GradientVarianceCallback
 from pgvar.measure import trust_region_diagnostics
 
@@ -105,6 +105,13 @@ def update_batch_size(model) -> int:
     return n_total
 
 
+def cockpit_mean_gsnr(per_sample: torch.Tensor, epsilon: float = 1e-5) -> float:
+    """Cockpit's MeanGSNR of [N, P] float64 per-sample gradients: mean_j m_j^2 / (mean_i G_ij^2 - m_j^2 + eps)."""
+    mean_sq = per_sample.mean(0).square()
+    gsnr = mean_sq / (per_sample.square().mean(0) - mean_sq + epsilon)
+    return float(torch.where(mean_sq == 0, 0.0, gsnr).mean())
+
+
 def brute_force_values(model, capture, n_minibatches, theta=0.9) -> dict[str, float]:
     """The callback's pgvar/pg_grad_* and pgvar/minibatch_* values, by one backward per sample (float64 stats)."""
     policy = capture["policy"]
@@ -173,6 +180,7 @@ def brute_force_values(model, capture, n_minibatches, theta=0.9) -> dict[str, fl
         # (inf when the batch cannot tell the gradient from noise, |G|^2 estimate <= 0).
         "pgvar/noise_scale": trace / (mean_sq - trace / n) if mean_sq - trace / n > 0 else math.inf,
         "pgvar/norm_test_batch_size": trace / (theta**2 * mean_sq),
+        "pgvar/mean_gsnr": cockpit_mean_gsnr(per_sample),
         "pgvar/minibatch_cosine_to_batch": float(np.mean(cosines_to_batch)),
     }
     if pairwise:
@@ -416,6 +424,7 @@ def test_same_seed_same_values():
         ({"method": "exact"}, "method"),
         ({"seed": -1}, "seed"),
         ({"seed": 0.5}, "seed"),
+        ({"measure_after_update": "yes"}, "measure_after_update"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, name):
@@ -535,3 +544,137 @@ def test_new_keys_reach_the_csv_logger(algo, tmp_path):
         assert [row.get(key, "") != "" for row in rows] == [False, True, True], key
         assert math.isfinite(float(rows[-1][key])), key
     assert ("pgvar/clip_fraction" in rows[-1]) == (algo is PPO)
+
+
+# ------------------------------------------------------------------------- the gradient after the update
+FIRST_STEP_KEYS = [
+    "pg_grad_cov_trace",
+    "pg_grad_var_at_batch",
+    "pg_grad_snr",
+    "pg_grad_snr_debiased",
+    "pg_grad_norm",
+    "noise_scale",
+    "norm_test_batch_size",
+    "mean_gsnr",
+]
+
+
+class AfterUpdateCallback(GradientVarianceCallback):
+    """Keeps the first-step values, and a copy of the policy and the kept inputs at each after-update measurement."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first_values: list[dict] = []
+        self.after: list[dict] = []
+
+    def measure_policy_gradient(self):
+        values = super().measure_policy_gradient()
+        self.first_values.append(values)
+        return values
+
+    def measure_gradient_after_update(self):
+        kept = self._after_update_inputs
+        policy = detached_policy_copy(self.model.policy)  # deepcopy refuses the last action_dist's graph
+        values = super().measure_gradient_after_update()
+        if values:
+            self.after.append({"policy": policy, "kept": kept, "values": values})
+        return values
+
+
+def loop_after_update_values(model, record, theta=0.9, epsilon=1e-5) -> dict[str, float]:
+    """The after-update statistics by one backward per sample of SB3's clipped-surrogate lines (float64 stats)."""
+    policy = record["policy"]
+    policy.set_training_mode(False)
+    (advantages, old_log_prob, actions, *observations), first_mean, batch_size = record["kept"]
+    clip = model.clip_range(model._current_progress_remaining)
+    # sorted by name: the order pgvar.measure.flatten gives the first-step mean
+    params = [p for name, p in sorted(policy.named_parameters()) if "value" not in name]
+    grads, log_probs = [], []
+    for i in range(advantages.shape[0]):
+        log_prob = policy_log_prob(policy, observations[0][i : i + 1], actions[i : i + 1])
+        ratio = torch.exp(log_prob - old_log_prob[i])
+        loss = -torch.min(advantages[i] * ratio, advantages[i] * torch.clamp(ratio, 1 - clip, 1 + clip)).sum()
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
+        log_probs.append(log_prob.detach())
+    per_sample = torch.stack(grads)
+    n = per_sample.shape[0]
+    mean = per_sample.mean(0)
+    trace = float((per_sample - mean).square().sum()) / (n - 1)
+    mean_sq = float(mean.square().sum())
+    var_at_batch = trace / batch_size
+    diagnostics = trust_region_diagnostics(torch.cat(log_probs), old_log_prob, clip_range=clip)
+    values = {
+        "pg_grad_cov_trace": trace,
+        "pg_grad_var_at_batch": var_at_batch,
+        "pg_grad_snr": mean_sq / var_at_batch,
+        "pg_grad_snr_debiased": (mean_sq - trace / n) / var_at_batch,
+        "pg_grad_norm": math.sqrt(mean_sq),
+        "noise_scale": trace / (mean_sq - trace / n) if mean_sq - trace / n > 0 else math.inf,
+        "norm_test_batch_size": trace / (theta**2 * mean_sq),
+        "mean_gsnr": cockpit_mean_gsnr(per_sample, epsilon),
+        "cosine_to_first_step": float(mean @ first_mean / (mean.norm() * first_mean.norm())),
+        "ess": diagnostics.effective_sample_size,
+        "max_ratio": diagnostics.max_ratio,
+        "kl_k1": diagnostics.kl_k1,
+        "kl_k3": diagnostics.kl_k3,
+        "clip_fraction": diagnostics.clip_fraction,
+    }
+    return {"pgvar/after_update/" + key: value for key, value in values.items()}
+
+
+def test_after_update_at_ratio_one_equals_the_first_step_measurement():
+    """No update in between (learning rate 0): the clipped surrogate's gradient is -A grad log pi."""
+    model = make_model(PPO, "CartPole-v1", learning_rate=0.0)
+    callback = AfterUpdateCallback(max_samples=32)
+    model.learn(model.n_steps, callback=callback)
+    first, after = callback.first_values[0], callback.after[0]["values"]
+    for key in FIRST_STEP_KEYS:
+        assert after["pgvar/after_update/" + key] == pytest.approx(first["pgvar/" + key], rel=1e-5), key
+    assert after["pgvar/after_update/cosine_to_first_step"] == pytest.approx(1.0, abs=1e-6)
+    assert after["pgvar/after_update/ess"] == pytest.approx(1.0, abs=1e-6)
+    assert after["pgvar/after_update/max_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert after["pgvar/after_update/clip_fraction"] == 0.0
+    assert callback.last_values["pgvar/after_update/mean_gsnr"] == after["pgvar/after_update/mean_gsnr"]
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_after_update_statistics_equal_a_loop_reference_after_a_real_ppo_update(method):
+    # a small clip range, so that the clip binds on some samples after the update
+    model = make_model(PPO, "CartPole-v1", n_steps=128, learning_rate=1e-2, n_epochs=10, clip_range=0.05)
+    callback = AfterUpdateCallback(max_samples=128, method=method)
+    model.learn(2 * model.n_steps, callback=callback)
+    assert len(callback.after) == 2  # at the next rollout start, and at training end
+    for record in callback.after:
+        expected = loop_after_update_values(model, record)
+        got = record["values"]
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            if math.isinf(value):  # B_simple when the gradient estimate is below its noise
+                assert got[key] == value, key
+                continue
+            scale = abs(value)
+            if key.endswith(("snr_debiased", "noise_scale")):  # a difference of two terms
+                scale = max(scale, abs(expected["pgvar/after_update/pg_grad_snr"]))
+            assert abs(got[key] - value) <= 1e-4 * scale + 1e-6, (key, got[key], value)
+        # the ratio diagnostics are not trivial: the update moved the policy and the clip is active
+        assert got["pgvar/after_update/kl_k3"] > 1e-4
+        assert got["pgvar/after_update/max_ratio"] > 1.0
+        assert got["pgvar/after_update/clip_fraction"] > 0.0
+        assert got["pgvar/after_update/ess"] < 1.0
+        assert got["pgvar/after_update/cosine_to_first_step"] < 0.999
+
+
+def test_measure_after_update_off_writes_no_after_update_keys(tmp_path):
+    model = make_model(PPO, "CartPole-v1")
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    callback = GradientVarianceCallback(max_samples=32, measure_after_update=False)
+    model.learn(2 * model.n_steps, callback=callback, log_interval=1)
+    assert not [key for key in callback.last_values if key.startswith("pgvar/after_update/")]
+    assert "pgvar/ess" in callback.last_values and "pgvar/mean_gsnr" in callback.last_values
+    on = GradientVarianceCallback(max_samples=32)
+    model = make_model(PPO, "CartPole-v1")
+    model.set_logger(configure(str(tmp_path / "on"), ["csv"]))
+    model.learn(3 * model.n_steps, callback=on, log_interval=1)
+    rows = read_csv(tmp_path / "on" / "progress.csv")
+    # like the trust-region keys: the update of rollout k is measured at the start of rollout k + 1
+    assert [row.get("pgvar/after_update/pg_grad_norm", "") != "" for row in rows] == [False, True, True]

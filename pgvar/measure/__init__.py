@@ -8,6 +8,7 @@ Imports torch only; works on any ``nn.Module``, including a plain SB3 policy (pa
 from __future__ import annotations
 
 from pgvar.measure.decomposition import VarianceDecomposition, variance_decomposition
+from pgvar.measure.moments import MOMENT_METHODS, GradientMoments, gradient_moments
 from pgvar.measure.noise_scale import (
     NoiseScale,
     NormTest,
@@ -41,6 +42,7 @@ from pgvar.measure.trust_region import (
     TrustRegionDiagnostics,
     behaviour_kl,
     clip_fraction,
+    clipped_surrogate_loss,
     effective_sample_size,
     max_importance_ratio,
     trust_region_diagnostics,
@@ -49,12 +51,15 @@ from pgvar.measure.trust_region import (
 __all__ = [
     "DEFAULT_STREAMING_MEMORY_BYTES",
     "EstimateStatistics",
+    "GradientMoments",
+    "MOMENT_METHODS",
     "GradientStatistics",
     "VarianceDecomposition",
     "estimate_statistics",
     "flat_names",
     "flatten",
     "flatten_per_sample",
+    "gradient_moments",
     "gradient_statistics",
     "gradient_statistics_from_norms",
     "gradient_statistics_streaming",
@@ -69,6 +74,7 @@ __all__ = [
     "TrustRegionDiagnostics",
     "behaviour_kl",
     "clip_fraction",
+    "clipped_surrogate_loss",
     "effective_sample_size",
     "gradient_noise_scale",
     "gradient_noise_scale_two_batch",

@@ -74,6 +74,13 @@ def per_sample_grad_sq_norms(
     checks the closed form against autograd. Later calls reuse what it learned; if the module then runs its
     layers differently, the hooks raise ``ValueError`` instead of returning wrong norms.
 
+    Batched route: when every selected parameter belongs to a Linear whose per-sample calls see one batch row
+    (an MLP; SB3's policy on a discrete action space) and ``loss_fn`` on a batch is the sum of its per-sample
+    losses, ``d L / d y`` of an ORDINARY batched forward and backward is already the per-sample ``delta``: later
+    calls skip vmap (no ``eps``, no ``functional_call``), which removes its fixed cost at small ``N``. The first
+    call checks this on 4 samples against the vmap route (a mean over the batch or a normalization across
+    samples fails the check and keeps vmap).
+
     Limits: everything :func:`per_sample_gradients` needs (``torch.func`` can vmap the module); every sample
     must run the same layers with the same shapes (true under vmap); a Linear's parameters must not also be used
     outside its ``forward`` (e.g. ``F.linear(x, layer.weight)``): the first-sample check raises ``ValueError``.
@@ -99,7 +106,7 @@ def per_sample_grad_sq_norms(
     >>> torch.allclose(sq, (g ** 2).sum(1))
     True
     """
-    sq_norms, _ = _sq_norms_and_grad_sum(
+    sq_norms, _, _ = _sq_norms_and_grad_sum(
         module, loss_fn, inputs, params=params, chunk_size=chunk_size, max_memory_bytes=max_memory_bytes
     )
     return sq_norms
@@ -113,8 +120,14 @@ def _sq_norms_and_grad_sum(
     params: ParamSelector,
     chunk_size: int | None,
     max_memory_bytes: int | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(||G_i||^2 [N] float64, sum_i G_i as name -> [*shape])`` by the squared-norm trick."""
+    coordinate_squares: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None]:
+    """``(||G_i||^2 [N] float64, sum_i G_i as name -> [*shape], sum_i G_i**2 or None)`` by the squared-norm trick.
+
+    With ``coordinate_squares`` the third element holds, per parameter, the float64 sum over samples of the
+    squared per-sample gradient, coordinate by coordinate (BackPACK's ``SumGradSquared``): for a Linear layer
+    with one row per sample, :math:`\\sum_i (G_i(W))^2 = (\\delta^{\\odot 2})^T (h^{\\odot 2})`; otherwise ``None``.
+    """
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
     if not callable(loss_fn) or isinstance(loss_fn, Mapping):
@@ -134,7 +147,7 @@ def _sq_norms_and_grad_sum(
     ]
     try:
         key = _probe_key(module, loss_fn, diff, batch)
-        cached = _PROBE_CACHE.get(module, {}).get(key)
+        cached, batched = _PROBE_CACHE.get(module, {}).get(key, (None, False))
         if cached is None:  # probe: ordinary autograd on sample 0 (layer calls, output shapes, a reference)
             state["probe"] = {name: [] for name in candidates}
             probe_leaves = {name: value.clone().requires_grad_(True) for name, value in diff.items()}
@@ -181,23 +194,34 @@ def _sq_norms_and_grad_sum(
         device = next(iter(diff.values())).device
         sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
         grad_sum = {name: torch.zeros_like(value) for name, value in diff.items()}
+        grad_sq_sum = (
+            {name: torch.zeros_like(value, dtype=torch.float64) for name, value in diff.items()}
+            if coordinate_squares
+            else None
+        )
         first_rows: dict[str, Tensor] = {}
         for start in range(0, n, step):
             chunk = tuple(x[start : start + step] for x in batch)
             rows = chunk[0].shape[0]
-            eps = {
-                name: [
-                    torch.zeros(shape, dtype=dtype, device=device).expand(rows, *shape)
-                    for shape, dtype in calls[name]
-                ]
-                for name in linear
-            }
-            (other_grads, deltas), layer_inputs = grad_fn(_prefixed(others), eps, *chunk)
+            if batched:
+                other_grads: dict[str, Tensor] = {}
+                deltas, layer_inputs = _batched_deltas(module, loss_fn, chunk, calls, linear, state)
+            else:
+                eps = {
+                    name: [
+                        torch.zeros(shape, dtype=dtype, device=device).expand(rows, *shape)
+                        for shape, dtype in calls[name]
+                    ]
+                    for name in linear
+                }
+                (other_grads, deltas), layer_inputs = grad_fn(_prefixed(others), eps, *chunk)
             part = sq_norms[start : start + rows]
             for key_, g in other_grads.items():
                 name = key_[len(_PREFIX) :]
                 part += g.reshape(rows, -1).double().square().sum(dim=1)
                 grad_sum[name] += g.sum(dim=0)
+                if grad_sq_sum is not None:
+                    grad_sq_sum[name] += g.double().square().sum(dim=0)
                 first_rows[name] = g[0]
             for layer_name, (layer, weight_name, bias_name) in linear.items():
                 if len(layer_inputs[layer_name]) != len(calls[layer_name]):
@@ -212,6 +236,14 @@ def _sq_norms_and_grad_sum(
                     h, d, weight_name is not None, bias_name is not None
                 )
                 part += sq.double()
+                if grad_sq_sum is not None:
+                    weight_sq, bias_sq = _linear_coordinate_squares(
+                        h, d, weight_name is not None, bias_name is not None
+                    )
+                    if weight_name is not None and weight_sq is not None:
+                        grad_sq_sum[weight_name] += weight_sq
+                    if bias_name is not None and bias_sq is not None:
+                        grad_sq_sum[bias_name] += bias_sq
                 if weight_name is not None and weight_sum is not None:
                     grad_sum[weight_name] += weight_sum
                     if start == 0:
@@ -225,17 +257,99 @@ def _sq_norms_and_grad_sum(
             handle.remove()
     if cached is None:
         _check_first_sample(first_rows, probe_grads, closed_form)
-        _PROBE_CACHE.setdefault(module, {})[key] = calls
-    return sq_norms, grad_sum
+        batched = not others and _batched_route_agrees(module, loss_fn, batch, calls, linear, sq_norms, candidates)
+        _PROBE_CACHE.setdefault(module, {})[key] = (calls, batched)
+    return sq_norms, grad_sum, grad_sq_sum
 
 
-#: Per module: what the probe learned (Linear calls and per-sample output shapes) for a loss function, parameter
-#: selection and input signature, once the first-sample check has passed. Keys hold ``loss_fn.__code__`` (so new
+#: Per module: what the probe learned (Linear calls and per-sample output shapes, and whether the batched route
+#: applies) for a loss function, parameter selection and input signature, once the first-sample check has passed. Keys hold ``loss_fn.__code__`` (so new
 #: closures of the same function hit) and the parameter ids (so a rebuilt module misses). A stale entry fails
 #: loudly in the hooks (shape or call-count mismatch), never silently.
 _PROBE_CACHE: weakref.WeakKeyDictionary[
-    nn.Module, dict[tuple, dict[str, list[tuple[torch.Size, torch.dtype]]]]
+    nn.Module, dict[tuple, tuple[dict[str, list[tuple[torch.Size, torch.dtype]]], bool]]
 ] = weakref.WeakKeyDictionary()
+
+
+def _batched_deltas(
+    module: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    chunk: tuple[Tensor, ...],
+    calls: dict[str, list[tuple[torch.Size, torch.dtype]]],
+    linear: dict[str, tuple[nn.Linear, str | None, str | None]],
+    state: dict[str, Any],
+) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """``(delta, h)`` per Linear call from ONE ordinary batched forward and backward of ``loss_fn`` on the chunk.
+
+    For a loss that is the sum of the per-sample losses and layers that see each sample as its own row(s),
+    ``d L / d y`` of the batched output IS the per-sample ``delta``: no vmap, no ``eps``. Used only after the
+    first call checked it against the vmap route (:func:`_batched_route_agrees`).
+    """
+    rows = chunk[0].shape[0]
+    state["batched"] = {name: ([], [], [(rows, *shape[1:]) for shape, _ in calls[name]]) for name in linear}
+    try:
+        with torch.enable_grad():
+            loss = _check_scalar("loss_fn", loss_fn(module, *chunk))
+        recorded = state["batched"]
+    finally:
+        state.clear()
+    outputs = [out for name in linear for out in recorded[name][1]]
+    if not loss.requires_grad or not all(out.requires_grad for out in outputs):
+        raise ValueError("the batched route needs every Linear output in the loss's graph")
+    flat = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+    deltas: dict[str, list[Tensor]] = {}
+    for name in linear:
+        deltas[name] = []
+        for out in recorded[name][1]:
+            g = next(flat)
+            deltas[name].append(torch.zeros_like(out) if g is None else g)
+    for name in linear:
+        if len(recorded[name][0]) != len(calls[name]):
+            raise ValueError(
+                f"nn.Linear {name!r} ran {len(recorded[name][0])} times in the batched pass but "
+                f"{len(calls[name])} times on the first sample; per_sample_grad_sq_norms needs the same layer "
+                "calls and shapes for every sample"
+            )
+    return deltas, {name: [h.detach() for h in recorded[name][0]] for name in linear}
+
+
+def _batched_route_agrees(
+    module: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: tuple[Tensor, ...],
+    calls: dict[str, list[tuple[torch.Size, torch.dtype]]],
+    linear: dict[str, tuple[nn.Linear, str | None, str | None]],
+    vmap_sq_norms: Tensor,
+    candidates: dict[str, tuple[nn.Linear, str | None, str | None]],
+) -> bool:
+    """Whether the batched route (:func:`_batched_deltas`) gives the vmap route's norms on the first samples.
+
+    It applies when every per-sample Linear output has a leading dimension of 1 and ``loss_fn`` on a batch is
+    the sum of its per-sample losses (a mean over the batch, or a normalization across samples, fails the check).
+    """
+    k = min(batch[0].shape[0], 4)
+    if k < 2 or not linear or any(shape[0] != 1 for name in linear for shape, _ in calls[name]):
+        return False
+    state: dict[str, Any] = {}
+    handles = [
+        layer.register_forward_hook(_make_hook(name, state), with_kwargs=True)
+        for name, (layer, _, _) in candidates.items()
+    ]
+    try:
+        chunk = tuple(x[:k] for x in batch)
+        deltas, inputs = _batched_deltas(module, loss_fn, chunk, calls, linear, state)
+    except (ValueError, RuntimeError):
+        return False
+    finally:
+        for handle in handles:
+            handle.remove()
+    sq = torch.zeros(k, dtype=torch.float64, device=vmap_sq_norms.device)
+    for name, (layer, weight_name, bias_name) in linear.items():
+        h, d = _rows(inputs[name], k, layer.in_features), _rows(deltas[name], k, layer.out_features)
+        sq += _linear_sq_norms_and_sums(h, d, weight_name is not None, bias_name is not None)[0].double()
+    reference = vmap_sq_norms[:k]
+    rtol = 1e-4 if inputs[next(iter(linear))][0].dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    return bool(((sq - reference).abs() <= rtol * reference.abs().max() + 1e-30).all())
 
 
 def _probe_key(
@@ -277,6 +391,17 @@ def _make_hook(layer_name: str, state: dict[str, Any]) -> Callable[..., Tensor |
     """Forward hook: in the probe, record the call's output shape; under vmap, record the input and add ``eps``."""
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+        if "batched" in state:  # the batched route: record input and output, check the call against the plan
+            inputs, outputs, planned_shapes = state["batched"][layer_name]
+            if len(outputs) >= len(planned_shapes) or tuple(output.shape) != planned_shapes[len(outputs)]:
+                raise ValueError(
+                    f"nn.Linear {layer_name!r} ran with batched output shape {tuple(output.shape)} on call "
+                    f"{len(outputs) + 1}, but the first sample planned {planned_shapes}; "
+                    "per_sample_grad_sq_norms needs the same layer calls and shapes for every sample"
+                )
+            inputs.append(args[0] if args else kwargs["input"])
+            outputs.append(output)
+            return None
         if "probe" in state:
             state["probe"][layer_name].append((output.shape, output.dtype))
             return None
@@ -341,6 +466,32 @@ def _linear_sq_norms_and_sums(
         sq = sq + d_per_sample.square().sum(dim=1)
         bias_sum = d_per_sample.sum(dim=0)
     return sq, (weight_sum, bias_sum)
+
+
+def _linear_coordinate_squares(h: Tensor, d: Tensor, weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Per-coordinate ``sum_i G_i(W)**2`` ``[out, in]`` and ``sum_i G_i(b)**2`` ``[out]`` (summed in the input
+    dtype, returned as float64).
+
+    One row per sample (``T = 1``): ``G_i(W) = d_i h_i^T`` squares coordinate-wise to ``d_i**2 (h_i**2)^T``, so the
+    sum over samples is one matrix product ``(d**2)^T (h**2)`` (Dangel et al. 2020, BackPACK's ``SumGradSquared``,
+    arXiv:1912.10985): no ``[N, out, in]`` tensor. Several rows per sample: ``G_i(W) = sum_t d_it h_it^T`` is
+    formed per sample (``[N, out, in]`` for this chunk) and squared.
+    """
+    n, t, d_in = h.shape
+    d_out = d.shape[2]
+    weight_sq = bias_sq = None
+    if t == 1:
+        d_sq = d.reshape(n, d_out).square()
+        if weight:
+            weight_sq = (d_sq.T @ h.reshape(n, d_in).square()).double()
+        if bias:
+            bias_sq = d_sq.sum(dim=0).double()
+        return weight_sq, bias_sq
+    if weight:
+        weight_sq = torch.bmm(d.transpose(1, 2), h).double().square().sum(dim=0)
+    if bias:
+        bias_sq = d.sum(dim=1).double().square().sum(dim=0)
+    return weight_sq, bias_sq
 
 
 def _check_first_sample(

@@ -244,7 +244,7 @@ def gradient_statistics_from_norms(
     >>> math.isclose(fast.covariance_trace, full.covariance_trace, rel_tol=1e-9)
     True
     """
-    sq_norms, grad_sum = _sq_norms_and_grad_sum(
+    sq_norms, grad_sum, _ = _sq_norms_and_grad_sum(
         module, loss_fn, inputs, params=params, chunk_size=chunk_size, max_memory_bytes=max_memory_bytes
     )
     n = sq_norms.shape[0]

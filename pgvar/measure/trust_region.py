@@ -12,10 +12,13 @@ these functions say how far the update went and how much of the batch still carr
 - :func:`behaviour_kl`: ``KL(mu || pi)`` from the samples (Schulman's ``k1`` and ``k3`` estimators; SB3 logs
   ``k3`` as ``train/approx_kl``);
 - :func:`clip_fraction`: the fraction of samples PPO's clip is active on (SB3's ``train/clip_fraction``);
-- :func:`trust_region_diagnostics`: all of them at once.
+- :func:`trust_region_diagnostics`: all of them at once;
+- :func:`clipped_surrogate_loss`: PPO's clipped surrogate per sample, the loss whose per-sample gradients are
+  those of a later epoch of the update (ratio != 1).
 
 Inputs are the log-probabilities of the SAME sampled actions under the two policies, any (equal) shape; every
-sample counts once. Nothing here needs gradients: the results are detached, reduced in float64.
+sample counts once. The diagnostics need no gradients: they are detached, reduced in float64.
+:func:`clipped_surrogate_loss` is differentiable in ``log_prob`` (only).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "TrustRegionDiagnostics",
     "behaviour_kl",
     "clip_fraction",
+    "clipped_surrogate_loss",
     "effective_sample_size",
     "max_importance_ratio",
     "trust_region_diagnostics",
@@ -199,6 +203,56 @@ def trust_region_diagnostics(
         if clip_range is None
         else float(clip_fraction(log_w, zeros, clip_range=clip_range)),
     )
+
+
+def clipped_surrogate_loss(
+    log_prob: Tensor, behaviour_log_prob: Tensor, advantages: Tensor, *, clip_range: float | None
+) -> Tensor:
+    r"""Return PPO's clipped surrogate objective per sample, as a loss (same shape as the inputs).
+
+    .. math::  \ell_i = -\min\big(w_i A_i,\ \operatorname{clip}(w_i, 1 - \epsilon, 1 + \epsilon)\, A_i\big),
+               \qquad w_i = \exp\big(\log\pi(a_i|s_i) - \log\mu(a_i|s_i)\big)
+
+    Its gradient is :math:`-A_i w_i \nabla\log\pi(a_i|s_i)` where the unclipped term is the minimum, and 0 on
+    the samples where the clip binds (:math:`A_i > 0,\ w_i > 1 + \epsilon` or :math:`A_i < 0,\ w_i < 1 -
+    \epsilon`): at :math:`w = 1` (the first minibatch step of an update) it is the plain policy-gradient term
+    :math:`-A_i \nabla\log\pi`. SB3's ``PPO.train`` minimizes the mean of :math:`\ell_i` over a minibatch.
+    ``clip_range=None`` gives the unclipped importance-sampled surrogate :math:`-w_i A_i` (TRPO's objective).
+
+    Gradient flow: through ``log_prob`` only; ``behaviour_log_prob`` and ``advantages`` are detached.
+
+    :param log_prob: ``log pi(a|s)`` of the sampled actions under the current policy, any shape
+    :param behaviour_log_prob: ``log mu(a|s)`` of the same actions under the behaviour policy, same shape
+    :param advantages: the (normalized) advantages ``A``, same shape
+    :param clip_range: PPO's ``epsilon`` (> 0), or ``None`` for no clipping
+    :return: per-sample loss, the shape and dtype of ``log_prob``
+
+    Reference: Schulman, Wolski, Dhariwal, Radford, Klimov (2017), "Proximal Policy Optimization Algorithms",
+    arXiv:1707.06347, Eq. 7; stable-baselines3 ``PPO.train``.
+
+    >>> lp = torch.log(torch.tensor([1.0, 1.5, 1.5, 0.5]))  # ratios w
+    >>> clipped_surrogate_loss(lp, torch.zeros(4), torch.tensor([2.0, 1.0, -1.0, -1.0]), clip_range=0.2)
+    tensor([-2.0000, -1.2000,  1.5000,  0.8000])
+    """
+    for name, value in (
+        ("log_prob", log_prob),
+        ("behaviour_log_prob", behaviour_log_prob),
+        ("advantages", advantages),
+    ):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+        if value.shape != log_prob.shape:
+            raise ValueError(
+                f"{name} must have the shape of log_prob {tuple(log_prob.shape)}, got {tuple(value.shape)}"
+            )
+        check_finite(name, value)
+    ratio = torch.exp(log_prob - behaviour_log_prob.detach())
+    advantages = advantages.detach()
+    if clip_range is None:
+        return -(ratio * advantages)
+    eps = float(check_positive("clip_range", clip_range))
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
 
 
 def _log_ratios(log_prob: Tensor, behaviour_log_prob: Tensor) -> Tensor:

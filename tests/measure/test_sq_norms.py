@@ -39,7 +39,7 @@ def test_matches_vmap_on_gaussian_mlp_with_log_std(gaussian_batch):
 
 def test_sum_of_gradients_matches_batched_backward(gaussian_batch):
     policy, inputs = gaussian_batch
-    _, grad_sum = _sq_norms_and_grad_sum(
+    _, grad_sum, _ = _sq_norms_and_grad_sum(
         policy, pg_loss, inputs, params=None, chunk_size=None, max_memory_bytes=None
     )
     named = dict(policy.named_parameters())
@@ -279,4 +279,53 @@ def test_repeated_calls_reuse_the_probe_and_a_changed_structure_fails_loudly():
         vmap_sq_norms(net, loss_fn, x),
         rtol=1e-12,
         atol=0,
+    )
+
+
+def _batched_flags(net):
+    from pgvar.measure.sq_norms import _PROBE_CACHE
+
+    return [batched for _, batched in _PROBE_CACHE[net].values()]
+
+
+def test_all_linear_network_with_a_sum_loss_takes_the_batched_route_and_agrees_with_vmap():
+    """After the first call (vmap, and a check on 4 samples), an all-Linear network runs one ordinary batched
+    backward: its output gradients are the per-sample deltas when the loss is a sum over samples."""
+    from pgvar.measure import gradient_moments
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, a, adv = torch.randn(9, 3).double(), torch.randn(9, 2).double(), torch.randn(9).double()
+
+    def loss_fn(m, xb, ab, advb):
+        return (advb * (m(xb) - ab).square().sum(-1)).sum()
+
+    first = per_sample_grad_sq_norms(net, loss_fn, (x, a, adv))
+    assert _batched_flags(net) == [True]
+    reference = vmap_sq_norms(net, loss_fn, (x, a, adv))
+    for chunk_size in (None, 4):
+        again = per_sample_grad_sq_norms(net, loss_fn, (x, a, adv), chunk_size=chunk_size)  # batched
+        torch.testing.assert_close(again, reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(first, reference, rtol=1e-12, atol=0)
+    fast = gradient_statistics_from_norms(net, loss_fn, (x, a, adv))
+    full = gradient_statistics(per_sample_gradients(net, loss_fn, (x, a, adv)))
+    torch.testing.assert_close(fast.mean, full.mean, rtol=1e-12, atol=1e-14)
+    g = flatten_per_sample(per_sample_gradients(net, loss_fn, (x, a, adv)))
+    moments = gradient_moments(net, loss_fn, (x, a, adv))
+    torch.testing.assert_close(moments.second_moment, g.square().mean(0), rtol=1e-12, atol=1e-15)
+
+
+def test_a_loss_that_is_not_a_sum_over_samples_keeps_the_vmap_route():
+    """A mean over the batch is a sum for a batch of one (the contract) but not on a batch: the check refuses it."""
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def mean_loss(m, xb):
+        return (m(xb) ** 2).mean()
+
+    per_sample_grad_sq_norms(net, mean_loss, x)
+    assert _batched_flags(net) == [False]
+    torch.testing.assert_close(
+        per_sample_grad_sq_norms(net, mean_loss, x), vmap_sq_norms(net, mean_loss, x), rtol=1e-12, atol=0
     )

@@ -13,6 +13,7 @@ from pgvar.measure import (
     TrustRegionDiagnostics,
     behaviour_kl,
     clip_fraction,
+    clipped_surrogate_loss,
     effective_sample_size,
     max_importance_ratio,
     trust_region_diagnostics,
@@ -150,3 +151,61 @@ def test_monte_carlo_against_exact_gaussian_values():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------- clipped surrogate
+def sb3_ppo_policy_loss(log_prob, old_log_prob, advantages, clip_range):
+    """SB3's ``PPO.train`` lines, per sample (before the minibatch mean)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    policy_loss_1 = advantages * ratio
+    policy_loss_2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return -torch.min(policy_loss_1, policy_loss_2)
+
+
+@pytest.mark.parametrize("clip_range", [0.2, 0.05, None])
+def test_clipped_surrogate_loss_values_and_gradient_match_autograd_of_sb3s_formula(clip_range):
+    torch.manual_seed(0)
+    old = torch.randn(200, dtype=torch.float64) - 1.0
+    log_prob = (old + 0.4 * torch.randn(200, dtype=torch.float64)).requires_grad_(True)
+    adv = torch.randn(200, dtype=torch.float64)
+    loss = clipped_surrogate_loss(log_prob, old, adv, clip_range=clip_range)
+    (grad,) = torch.autograd.grad(loss.sum(), log_prob)
+    ratio = (log_prob - old).exp().detach()
+    if clip_range is None:
+        torch.testing.assert_close(loss, -(ratio * adv), rtol=1e-14, atol=0)
+        torch.testing.assert_close(grad, -(ratio * adv), rtol=1e-14, atol=0)
+        return
+    expected = sb3_ppo_policy_loss(log_prob, old, adv, clip_range)
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), log_prob)[0], rtol=1e-14, atol=0)
+    # the closed form: -A w where the unclipped branch is the minimum, 0 where the clip binds
+    binds = ((adv > 0) & (ratio > 1 + clip_range)) | ((adv < 0) & (ratio < 1 - clip_range))
+    assert 0 < int(binds.sum()) < 200
+    torch.testing.assert_close(grad, torch.where(binds, 0.0, -adv * ratio), rtol=1e-14, atol=0)
+
+
+def test_clipped_surrogate_loss_at_ratio_one_is_the_policy_gradient_term():
+    log_prob = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    adv = torch.randn(50, dtype=torch.float64)
+    loss = clipped_surrogate_loss(log_prob, log_prob.detach(), adv, clip_range=0.2)
+    (grad,) = torch.autograd.grad(loss.sum(), log_prob)
+    torch.testing.assert_close(loss, -adv, rtol=0, atol=0)
+    torch.testing.assert_close(grad, -adv, rtol=0, atol=0)  # = d/d log_prob of -A log pi
+
+
+def test_clipped_surrogate_loss_gradient_flows_only_through_log_prob():
+    log_prob, old, adv = (torch.randn(5, requires_grad=True) for _ in range(3))
+    clipped_surrogate_loss(log_prob, old, adv, clip_range=0.2).sum().backward()
+    assert log_prob.grad is not None and old.grad is None and adv.grad is None
+
+
+def test_clipped_surrogate_loss_rejects_bad_input():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="clip_range must be"):
+        clipped_surrogate_loss(x, x, x, clip_range=-0.2)
+    with pytest.raises(ValueError, match=r"advantages must have the shape of log_prob \(3,\), got \(2,\)"):
+        clipped_surrogate_loss(x, x, torch.zeros(2), clip_range=0.2)
+    with pytest.raises(ValueError, match="behaviour_log_prob must be a floating-point tensor"):
+        clipped_surrogate_loss(x, torch.zeros(3, dtype=torch.long), x, clip_range=0.2)
+    with pytest.raises(ValueError, match="advantages"):
+        clipped_surrogate_loss(x, x, torch.tensor([0.0, math.nan, 0.0]), clip_range=0.2)
