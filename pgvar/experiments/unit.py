@@ -177,6 +177,7 @@ def run_unit(unit: UnitSpec, results: str | os.PathLike[str]) -> dict[str, Any]:
     if result_path.exists():
         return read_json(result_path)
 
+    code = code_state()  # the checkout as the unit starts: the tree may change while a long unit runs
     torch.set_num_threads(unit.torch_threads)
     started_wall, started_cpu = time.time(), time.process_time()
     env = _make_env(unit)
@@ -214,7 +215,7 @@ def run_unit(unit: UnitSpec, results: str | os.PathLike[str]) -> dict[str, Any]:
         "unit_id": unit.unit_id, "digest": unit.digest, "spec": unit.to_json(), "status": "done",
         "final_return": final_return(curve, unit.total_timesteps, unit.final_fraction),
         "num_timesteps": int(model.num_timesteps), "episodes": curve, "resumed_from": resumed_from,
-        "versions": library_versions(), "machine": machine(), "code": code_state(),
+        "versions": library_versions(), "machine": machine(), "code": code,
         "wall_seconds": time.time() - started_wall, "cpu_seconds": time.process_time() - started_cpu,
     }  # fmt: skip
     write_json(result_path, result)
