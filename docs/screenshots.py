@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         result = check_page(args.html, page, browser, out_dir=args.out)
         failed += not result.ok
         status = "ok" if result.ok else "FAILED"
-        print(f"{status:6} {page}: {result.typeset} formulas typeset, {result.raw_tex} left as TeX -> {result.screenshot}")
+        print(
+            f"{status:6} {page}: {result.typeset} formulas typeset, {result.raw_tex} left as TeX -> {result.screenshot}"
+        )
     return 1 if failed else 0
 
 

@@ -31,6 +31,7 @@ def _load_module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(f"pgvar_docs_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
