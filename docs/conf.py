@@ -45,6 +45,10 @@ extensions = [
     "sphinx.ext.viewcode",
     # Local: fails the build when a public name of pgvar.estimators / measure / problems is not in api.md.
     "coverage_check",
+    # Local: after an HTML build, every internal link (href/src, #fragment) resolves, or the build warns.
+    "internal_links",
+    # The examples gallery (gallery/): every examples/*.py, run in its small version, with its output and plots.
+    "sphinx_gallery.gen_gallery",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -75,6 +79,27 @@ python_use_unqualified_type_names = True
 # on the page below.
 coverage_check_modules = ["pgvar.estimators", "pgvar.measure", "pgvar.problems"]
 coverage_check_docname = "api"
+
+# -- Examples gallery (sphinx-gallery) ---------------------------------------------------------------------
+# The build runs each example in its small version (seconds, not the minutes of a full run); a full run would
+# also write figures. PGVAR_EXAMPLE_SMOKE=0 in the environment builds the gallery from full runs.
+os.environ.setdefault("PGVAR_EXAMPLE_SMOKE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+sphinx_gallery_conf = {
+    "examples_dirs": str(REPO_ROOT / "examples"),
+    # Generated into the source tree (docs/gallery, ignored by git), as sphinx-gallery requires.
+    "gallery_dirs": "gallery",
+    # Which examples are executed (a regular expression on the path; all by default). Those that do not match
+    # are still shown, without output. tests/test_docs.py runs only the one that plots: the others run in
+    # their own test.
+    "filename_pattern": os.environ.get("PGVAR_DOCS_GALLERY_RUN", r"\.py$"),
+    "within_subsection_order": "ExampleTitleSortKey",
+    "download_all_examples": False,
+    "image_scrapers": ("matplotlib",),
+    "show_signature": False,
+    # The execution-times page loads its table scripts from CDNs: not in a docs build that works offline.
+    "write_computation_times": False,
+}
 
 # -- HTML -------------------------------------------------------------------------------------------------
 html_theme = "sphinx_rtd_theme"

@@ -1,8 +1,13 @@
-"""pgvar.A2C is stable_baselines3.A2C with two more arguments: same seed, same parameters, bit for bit.
+"""A2C, a drop-in for SB3's A2C
+============================
+
+pgvar.A2C is stable_baselines3.A2C with two more arguments: same seed, same parameters, bit for bit.
 
 The script trains SB3's A2C and pgvar's A2C side by side and checks that every parameter is identical
 (time-limit truncations included: SB3's bootstrap is kept exactly), then trains a pgvar A2C with a batch-mean
 baseline, saves it, and loads it back with its options.
+
+::
 
     python examples/a2c_drop_in.py                          # ~30 s of CPU
     PGVAR_EXAMPLE_SMOKE=1 python examples/a2c_drop_in.py    # a few seconds

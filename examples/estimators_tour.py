@@ -1,7 +1,12 @@
-"""A tour of pgvar.estimators: returns, GAE, TD(lambda), baselines and advantage normalization.
+"""A tour of the estimators
+========================
+
+A tour of pgvar.estimators: returns, GAE, TD(lambda), baselines and advantage normalization.
 
 Every section checks what it shows (an identity, a closed-form value or SB3's own numbers), so this script fails
 if an estimator is wrong. The docs include its functions (docs/guide/returns.md, baselines.md, normalization.md).
+
+::
 
     python examples/estimators_tour.py                         # about 5 s
     PGVAR_EXAMPLE_SMOKE=1 python examples/estimators_tour.py   # the small version the tests run

@@ -1,9 +1,16 @@
-"""Watch the policy-gradient variance of SB3's own PPO while it learns CartPole, with GradientVarianceCallback.
+"""Gradient variance of SB3's PPO while it learns
+==============================================
+
+Watch the policy-gradient variance of SB3's own PPO while it learns CartPole, with GradientVarianceCallback.
 
 The callback writes ``pgvar/...`` keys to SB3's logger; here a CSV logger collects them and the script plots
-four of them against the timesteps into ``docs/_static/callback_variance.png``.
+four of them against the timesteps into ``callback_variance.png`` in the current directory (the tracked figure
+of the docs, ``docs/_static/callback_variance.png``, only with ``PGVAR_UPDATE_DOCS_IMAGES=1``).
+
+::
 
     python examples/gradient_variance_callback.py                          # 2-4 minutes (60 updates)
+    PGVAR_UPDATE_DOCS_IMAGES=1 python examples/gradient_variance_callback.py   # the same, for the docs' figure
     PGVAR_EXAMPLE_SMOKE=1 python examples/gradient_variance_callback.py    # seconds; plots into a temp dir
 """
 
@@ -29,12 +36,19 @@ SMOKE = os.environ.get("PGVAR_EXAMPLE_SMOKE") == "1"
 SEED = 0
 N_STEPS = 128 if SMOKE else 1024
 TOTAL_TIMESTEPS = 2 * N_STEPS if SMOKE else 60 * N_STEPS
-DOCS_STATIC = Path(__file__).resolve().parents[1] / "docs" / "_static"
+# A full run replaces the figure the docs show (docs/_static/callback_variance.png) only when asked to.
+UPDATE_DOCS_IMAGES = os.environ.get("PGVAR_UPDATE_DOCS_IMAGES") == "1"
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pgvar_callback_") as tmp:
-        run(log_dir=Path(tmp), out_dir=Path(tmp) if SMOKE else DOCS_STATIC)
+        if SMOKE:
+            out_dir = Path(tmp)
+        elif UPDATE_DOCS_IMAGES:
+            out_dir = Path(__file__).resolve().parents[1] / "docs" / "_static"
+        else:
+            out_dir = Path.cwd()
+        run(log_dir=Path(tmp), out_dir=out_dir)
 
 
 def run(log_dir: Path, out_dir: Path) -> Path:
@@ -84,7 +98,7 @@ def run(log_dir: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "callback_variance.png"
     fig.savefig(path)
-    plt.close(fig)
+    # The figure stays open: the docs' example gallery (sphinx-gallery) shows the open figures of a script.
 
     last = callback.last_values
     print(f"{len(rows)} updates logged; plot written to {path}")

@@ -1,4 +1,7 @@
-"""Measure the variance of policy-gradient estimators against the exact gradient, then on an SB3 policy.
+"""Measuring the variance of policy-gradient estimators
+====================================================
+
+Measure the variance of policy-gradient estimators against the exact gradient, then on an SB3 policy.
 
 1. On a random tabular MDP whose gradient is known exactly (pgvar.problems.TabularMDP): per-episode gradients
    of four learning signals, their covariance trace, SNR (plain and debiased) and cosine to the true gradient,
@@ -9,6 +12,8 @@
    per-sample gradients at about the cost of one backward, and agrees with vmap.
 
 The docs include its functions (docs/guide/measuring.md).
+
+::
 
     python examples/measure_policy_gradient.py                         # about 10 s
     PGVAR_EXAMPLE_SMOKE=1 python examples/measure_policy_gradient.py   # the small version the tests run

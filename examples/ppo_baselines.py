@@ -1,10 +1,15 @@
-"""pgvar.PPO with each policy-gradient baseline on CartPole-v1: the same agent, only ``baseline=`` changes.
+"""PPO with each baseline on CartPole
+==================================
+
+pgvar.PPO with each policy-gradient baseline on CartPole-v1: the same agent, only ``baseline=`` changes.
 
 ``baseline="value"`` is SB3's PPO (GAE with the learned V(s)); ``"none"``, ``"mean"`` and ``"optimal"`` use the
 discounted return-to-go minus a constant (0, the batch mean, the variance-optimal b*). The value function is
 trained the same way in all four. Advantage normalization is off (``normalize_advantage="none"``): centring
 ``G - b`` per minibatch would cancel any constant ``b``. The script prints the mean evaluation return of each and the constant
 baseline used in the last update.
+
+::
 
     python examples/ppo_baselines.py                          # 4 baselines x 3 seeds x 50k steps, ~5 min of CPU
     PGVAR_EXAMPLE_SMOKE=1 python examples/ppo_baselines.py    # tiny budgets, a few seconds

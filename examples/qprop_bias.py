@@ -1,8 +1,11 @@
-"""Q-Prop's two traps, measured against exact gradients: per-sample eta and the normalization mismatch.
+"""Q-Prop's two traps, against exact gradients
+===========================================
+
+Q-Prop's two traps, measured against exact gradients: per-sample eta and the normalization mismatch.
 
 1. eta rules on a 1-D Gaussian bandit built to expose the bias of the per-sample eta (the official code's
    ``adapt1``/``adapt2``): the policy mean sits away from the optimum and the critic's slope has the wrong sign.
-   The estimate of each rule is compared with the exact gradient (bias, max |z|, covariance trace).
+   The estimate of each rule is compared with the exact gradient (bias, max ``|z|``, covariance trace).
 2. The normalization trap (Tucker et al. 2018): with the learning signal divided by its std sigma but the analytic
    term not, the update is (1/sigma) grad J + (1 - 1/sigma) E[eta grad_a Q grad mu]. For growing reward scales
    (so growing sigma), the cosine of each mode's expected update to grad J, with an imperfect critic.
@@ -11,6 +14,8 @@
    control variate on a tabular MDP.
 
 docs/guide/qprop.md quotes the numbers of the full run.
+
+::
 
     python examples/qprop_bias.py                         # full run, about 30 s on one core
     PGVAR_EXAMPLE_SMOKE=1 python examples/qprop_bias.py   # the small version the tests run

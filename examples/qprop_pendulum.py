@@ -1,10 +1,15 @@
-"""QPropPPO on Pendulum-v1: PPO with Q-Prop's off-policy critic as a control variate, next to plain PPO.
+"""QPropPPO on Pendulum
+====================
+
+QPropPPO on Pendulum-v1: PPO with Q-Prop's off-policy critic as a control variate, next to plain PPO.
 
 The critic learns from every transition PPO collects (a replay buffer); its first-order Taylor expansion around
 the policy mean is subtracted from the advantages and its expectation (the critic's DDPG-style gradient) is added
 back, so the gradient stays unbiased (Gu et al. 2017, arXiv:1611.02247). The script prints the evaluation returns,
 what the control variate did to the variance of the learning signal in the last rollout, and shows saving and
 resuming with the replay buffer.
+
+::
 
     python examples/qprop_pendulum.py                          # 2 x 100k steps, ~10 min on a core
     PGVAR_EXAMPLE_SMOKE=1 python examples/qprop_pendulum.py    # a few seconds

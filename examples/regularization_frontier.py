@@ -1,4 +1,7 @@
-"""KL penalty vs odds-ratio cap on the Goodhart bandit: the exact true-reward vs KL frontier, light vs heavy tails.
+"""KL penalty vs odds-ratio cap on the Goodhart bandit
+===================================================
+
+KL penalty vs odds-ratio cap on the Goodhart bandit: the exact true-reward vs KL frontier, light vs heavy tails.
 
 Kwa et al. (2024, "Catastrophic Goodhart", arXiv:2407.14503) claim that with a heavy-tailed proxy error a KL
 penalty lets the policy exploit the error (high proxy reward at small KL, no true gain), while a quantilizer (an
@@ -10,6 +13,8 @@ exact: the KL-regularized optimum pi ~ pi_ref exp(proxy / beta) and the quantili
 2. a paired comparison at equal KL: for each cap c, the KL optimum with the same KL as the quantilizer
    (log c), its true utility minus the quantilizer's, averaged over independently drawn bandits (exact per
    bandit; the +- is the standard error over the draws).
+
+::
 
     python examples/regularization_frontier.py                          # ~1 min (10,000 arms, 10 draws)
     PGVAR_EXAMPLE_SMOKE=1 python examples/regularization_frontier.py    # a few seconds

@@ -1,7 +1,12 @@
-"""Soft Q-learning IS an entropy-regularized policy gradient: a numerical proof.
+"""Soft Q-learning is an entropy-regularized policy gradient
+=========================================================
+
+Soft Q-learning IS an entropy-regularized policy gradient: a numerical proof.
 
 Schulman, Chen, Abbeel (2017, arXiv:1704.06440, Sec. 4): with pi and V derived from Q (Boltzmann policy, soft
 value), on-policy actions and constant targets,
+
+::
 
     E_a[ grad soft_q_loss ] = tau * E_a[ grad (-Delta log pi + tau KL + (1/tau) * 1/2 (V - (V + Delta))^2) ].
 
@@ -15,6 +20,8 @@ The script checks it three ways, in float64 on a random tabular MDP (pgvar.probl
    is far off (so the checks above can fail);
 
 and 4. the two pgvar algorithms, EntropyPG and SoftQ, on CartPole states with the same network.
+
+::
 
     python examples/soft_q_equivalence.py                          # ~1 min
     PGVAR_EXAMPLE_SMOKE=1 python examples/soft_q_equivalence.py    # a few seconds

@@ -1,4 +1,7 @@
-"""A tiny sweep end to end: two learners x two seeds on CartPole, run on a local process pool, then aggregated.
+"""A tiny sweep, end to end
+========================
+
+A tiny sweep end to end: two learners x two seeds on CartPole, run on a local process pool, then aggregated.
 
 The same config runs on a Ray cluster with ``run_sweep(..., backend="ray")`` (or ``pgvar sweep CONFIG --backend
 ray``); rerunning it skips the finished units and resumes interrupted ones from their checkpoints.

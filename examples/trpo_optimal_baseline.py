@@ -1,9 +1,14 @@
-"""pgvar.TRPO on Pendulum-v1 with the variance-optimal constant baseline of Greensmith et al. (2004).
+"""TRPO with the variance-optimal baseline
+=======================================
+
+pgvar.TRPO on Pendulum-v1 with the variance-optimal constant baseline of Greensmith et al. (2004).
 
 ``baseline="optimal"`` weights each return by the squared norm of its score, ``b* = E[||g||^2 G] / E[||g||^2]``;
 the per-sample score norms ``||grad_theta log pi(a|s)||^2`` come from one batched backward pass
 (:func:`pgvar.measure.per_sample_grad_sq_norms`). The script trains it next to TRPO's default (GAE with V(s))
 and prints the evaluation returns and the last b*.
+
+::
 
     python examples/trpo_optimal_baseline.py                          # 2 x 100k steps, ~2.5 min of CPU
     PGVAR_EXAMPLE_SMOKE=1 python examples/trpo_optimal_baseline.py    # a few seconds

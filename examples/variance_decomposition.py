@@ -1,10 +1,15 @@
-"""The Mirage decomposition on HalfCheetah: where the variance of a QPropTRPO policy's gradient comes from.
+"""The Mirage variance decomposition
+=================================
+
+The Mirage decomposition on HalfCheetah: where the variance of a QPropTRPO policy's gradient comes from.
 
 Trains pgvar.QPropTRPO briefly, then restores the MuJoCo simulator at states the policy visits and rolls out independent
 continuations (pgvar.rollouts), and splits the per-sample policy-gradient variance into the trajectory term
 Sigma_tau, the action term Sigma_a for each baseline (none, the learned V, a Monte Carlo V, and Q-Prop's control
 variate: V plus the fitted critic's Taylor advantage), and the bound on the state term (Tucker et al. 2018,
 arXiv:1802.10031).
+
+::
 
     python examples/variance_decomposition.py                         # HalfCheetah-v5, about 2 minutes
     PGVAR_EXAMPLE_SMOKE=1 python examples/variance_decomposition.py   # Pendulum-v1, a few seconds (the tests)

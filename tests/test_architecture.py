@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pgvar"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 GROUND_FLOOR = {"pgvar._validation", "pgvar._io", "pgvar._sb3_policy", "pgvar._testing"}
 UPPER_FLOORS = ("pgvar.algos", "pgvar.compare", "pgvar.rollouts", "pgvar.callbacks", "pgvar.experiments",
-                "pgvar.checkpoint", "pgvar.cli")  # fmt: skip
+                "pgvar.checkpoint", "pgvar.cli", "pgvar.zoo")  # fmt: skip
 MAX_LINES = 600
 
 

@@ -1,7 +1,8 @@
 """The documentation is tested like code.
 
 (a) ``sphinx-build -W`` succeeds: no warning (a broken cross-reference, a docstring that is not valid reST, a
-    missing ``literalinclude`` target, an undocumented public name) gets through;
+    missing ``literalinclude`` target, an undocumented public name, a broken internal link of the built HTML)
+    gets through, and the examples gallery has a page per example;
 (b) every ``examples/*.py`` script runs (in its small ``PGVAR_EXAMPLE_SMOKE=1`` version), so the code the docs
     show by ``literalinclude`` is code that works;
 (c) every name in ``__all__`` of ``pgvar.estimators``, ``pgvar.measure`` and ``pgvar.problems`` is documented in
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +26,18 @@ EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.py"))
 COVERED_MODULES = ["pgvar.estimators", "pgvar.measure", "pgvar.problems"]
 
 
-def _load_coverage_check():
-    spec = importlib.util.spec_from_file_location(
-        "pgvar_docs_coverage_check", DOCS_DIR / "_ext" / "coverage_check.py"
-    )
+def _load_module(name: str, path: Path):
+    """A module of docs/ (not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(f"pgvar_docs_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
 
-coverage_check = _load_coverage_check()
+coverage_check = _load_module("coverage_check", DOCS_DIR / "_ext" / "coverage_check.py")
+internal_links = _load_module("internal_links", DOCS_DIR / "_ext" / "internal_links.py")
 
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
@@ -49,18 +52,53 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ (a) build
-@pytest.mark.slow
-def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
+# The example that draws a figure: the docs build below executes it, to check that the gallery shows its plot.
+GALLERY_EXECUTED = "gradient_variance_callback"
+
+
+def _copy_of_the_sources(destination: Path) -> Path:
+    """docs/, examples/ and pgvar/ copied, so that sphinx-gallery (which writes docs/gallery/ next to the sources
+    and skips the examples whose output it has cached there) runs afresh and leaves the checkout alone."""
+    ignore = shutil.ignore_patterns("__pycache__", "_build", "gallery", "sg_execution_times.rst")
+    for folder in ("docs", "examples", "pgvar"):
+        shutil.copytree(REPO_ROOT / folder, destination / folder, ignore=ignore)
+    return destination / "docs"
+
+
+@pytest.fixture(scope="module")
+def docs_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One ``sphinx-build -W`` of a copy of the sources, shared by the tests of the built site."""
+    tmp_path = tmp_path_factory.mktemp("docs_build")
+    docs = _copy_of_the_sources(tmp_path / "src")
     command = [
         sys.executable, "-m", "sphinx",
         "-W", "--keep-going",   # every warning is an error, and all of them are reported
         "-b", "html",
         "-d", str(tmp_path / "doctrees"),
         "-q",
-        str(DOCS_DIR), str(tmp_path / "html"),
+        str(docs), str(tmp_path / "html"),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_subprocess_env())
+    # The gallery executes one example (the one with a figure); every example runs in test_example_runs_in_smoke_mode.
+    env = _subprocess_env(PGVAR_DOCS_GALLERY_RUN=f"{GALLERY_EXECUTED}\\.py$")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    return result, tmp_path / "html"
+
+
+@pytest.mark.slow
+def test_sphinx_build_has_no_warnings(docs_build: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    result, html = docs_build
     assert result.returncode == 0, f"sphinx-build failed:\n{result.stderr[-6000:]}\n{result.stdout[-2000:]}"
+    tmp_path = html.parent
+    # Every internal link resolves (the internal_links extension warned otherwise, which -W made an error).
+    assert internal_links.broken_internal_links(tmp_path / "html") == []
+    # The gallery: a page per example, linked from the landing page, with the executed example's figure.
+    gallery = tmp_path / "html" / "gallery"
+    for script in EXAMPLES:
+        assert (gallery / f"{script.stem}.html").is_file(), script.name
+    assert 'href="gallery/index.html"' in (tmp_path / "html" / "index.html").read_text(encoding="utf-8")
+    figure = f"sphx_glr_{GALLERY_EXECUTED}_001.png"
+    assert (tmp_path / "html" / "_images" / figure).is_file()
+    assert figure in (gallery / f"{GALLERY_EXECUTED}.html").read_text(encoding="utf-8")
     for page in ("index", "api", "guide/returns", "guide/baselines", "guide/measuring"):
         assert (tmp_path / "html" / f"{page}.html").is_file(), page
     api_html = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
@@ -72,6 +110,21 @@ def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
     for page in (tmp_path / "html").rglob("*.html"):
         assert "cdn.jsdelivr.net/npm/mathjax" not in page.read_text(encoding="utf-8"), page
+
+
+@pytest.mark.slow
+def test_math_is_typeset_offline_in_a_headless_browser(
+    docs_build: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    screenshots = _load_module("screenshots", DOCS_DIR / "screenshots.py")
+    browser = screenshots.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium on PATH (docs/screenshots.py needs one)")
+    result, html = docs_build
+    assert result.returncode == 0, "the docs build failed (see test_sphinx_build_has_no_warnings)"
+    # No network in the browser: MathJax must come from the build; every formula typeset, none left as TeX.
+    check = screenshots.check_page(html, "guide/qprop", browser)
+    assert check.typeset > 50 and check.raw_tex == 0, check
 
 
 # --------------------------------------------------------------------------------------------- (b) examples
@@ -262,3 +315,57 @@ def test_landing_page_shows_the_drop_in_import_and_a_citation() -> None:
 
     assert "from pgvar import PPO" in index
     assert "@software{" in index and f"version = {{{pgvar.__version__}}}" in index
+
+
+# ------------------------------------------------------------------------------------------ (e) the gallery
+@pytest.mark.parametrize("script", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_example_docstring_starts_with_a_gallery_title(script: Path) -> None:
+    # sphinx-gallery takes the page title from the docstring's first reST section title.
+    lines = script.read_text(encoding="utf-8").split('"""')[1].splitlines()
+    assert len(lines) > 3 and lines[0].strip(), script.name
+    assert lines[1] == "=" * len(lines[0]) and lines[2] == "", (script.name, lines[:3])
+
+
+def test_gallery_runs_the_small_examples_and_keeps_its_output_out_of_git() -> None:
+    conf = (DOCS_DIR / "conf.py").read_text(encoding="utf-8")
+    assert '"sphinx_gallery.gen_gallery"' in conf and '"internal_links"' in conf
+    assert 'os.environ.setdefault("PGVAR_EXAMPLE_SMOKE", "1")' in conf
+    assert (REPO_ROOT / "examples" / "GALLERY_HEADER.rst").is_file()
+    gitignore = (REPO_ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "docs/gallery/" in gitignore
+
+
+def test_full_example_leaves_the_tracked_docs_figure_alone_unless_asked() -> None:
+    source = (REPO_ROOT / "examples" / "gradient_variance_callback.py").read_text(encoding="utf-8")
+    # the docs' figure is written only under PGVAR_UPDATE_DOCS_IMAGES=1; by default into the current directory
+    assert 'os.environ.get("PGVAR_UPDATE_DOCS_IMAGES") == "1"' in source
+    assert "elif UPDATE_DOCS_IMAGES:" in source and "out_dir = Path.cwd()" in source
+
+
+# ----------------------------------------------------------------------------------- (f) the link checker
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def test_link_checker_finds_missing_files_and_anchors(tmp_path: Path) -> None:
+    _write(tmp_path / "_static" / "style.css", "")
+    _write(tmp_path / "sub" / "page.html", '<h1 id="top">t</h1><a name="old-style"></a><a href="../index.html#intro">up</a>')
+    _write(
+        tmp_path / "index.html",
+        '<section id="intro"><link href="_static/style.css?v=1234" rel="stylesheet">'
+        '<a href="sub/page.html#top">ok</a> <a href="sub/page.html#old-style">ok</a> <a href="#intro">ok</a>'
+        '<a href="https://example.org/x.html#nothing">external</a> <a href="mailto:a@b.c">mail</a>'
+        '<a href="sub/">a folder</a>'
+        '<a href="sub/page.html#gone">bad anchor</a> <a href="missing.html">bad file</a>'
+        '<img src="_images/missing.png"> <a href="#nowhere">bad local anchor</a></section>',
+    )
+    _write(tmp_path / "sub" / "index.html", "<p>folder index</p>")
+    assert internal_links.broken_internal_links(tmp_path) == [
+        "index.html: #nowhere (no id 'nowhere' in index.html)",
+        "index.html: _images/missing.png (no such file)",
+        "index.html: missing.html (no such file)",
+        "index.html: sub/page.html#gone (no id 'gone' in sub/page.html)",
+    ]
+    with pytest.raises(ValueError, match="html_dir"):
+        internal_links.broken_internal_links(tmp_path / "nope")
