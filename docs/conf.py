@@ -104,6 +104,7 @@ sphinx_gallery_conf = {
 # -- HTML -------------------------------------------------------------------------------------------------
 html_theme = "sphinx_rtd_theme"
 html_static_path = ["_static"]
+html_css_files = ["pgvar.css"]  # wrap long code lines and wide tables
 html_title = f"pgvar {release}"
 html_show_sourcelink = False
 # No intersphinx: the build must work without a network.
