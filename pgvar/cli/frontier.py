@@ -49,7 +49,7 @@ FAMILY_LABELS = {
 EXACT_ONLY = ("om_coefs", "kl_budgets", "variance_episodes")
 ENV_ONLY = ("checkpoints", "reference_steps", "train_steps", "eval_episodes", "cap_coef", "threshold", "penalty")
 #: ``--smoke`` settings of ``--env`` (seconds).
-ENV_SMOKE = {"reference_steps": 256, "train_steps": 256, "checkpoints": [128, 256], "eval_episodes": 2,
+ENV_SMOKE: dict[str, Any] = {"reference_steps": 256, "train_steps": 256, "checkpoints": [128, 256], "eval_episodes": 2,
              "kl_coefs": [1.0], "caps": [2.0], "n_steps": 128}  # fmt: skip
 
 

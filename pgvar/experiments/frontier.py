@@ -94,7 +94,8 @@ def _gradient_ascent_path(problem: Any, kl_budgets: Sequence[float], lr: float,
     stopped at the first step whose action KL reaches each budget; the last point is where the ascent is after
     ``max_steps`` when a budget is never reached (the ascent converged below it)."""
     logits = problem.reference_log_probs.clone()
-    budgets, path = sorted(kl_budgets), []
+    budgets = sorted(kl_budgets)
+    path: list[tuple[int, torch.Tensor]] = []
     for step in range(1, max_steps + 1):
         logits = logits + lr * problem.exact_policy_gradient(logits)["logits"]
         kl = float(problem.exact_divergence(logits, "kl", "action"))
@@ -280,7 +281,7 @@ def exact_frontier(
     coef = float(check_positive("variance_coef", variance_coef) if variance_coef is not None
                  else grid["kl_coefs"][min(2, len(grid["kl_coefs"]) - 1)])  # fmt: skip
     n_arms = _N_ARMS[smoke]
-    problems = ({f"goodhart/{error}": GoodhartBandit(n_arms=n_arms, error=error, seed=seed) for error in _ERRORS}
+    problems: dict[str, Any] = ({f"goodhart/{error}": GoodhartBandit(n_arms=n_arms, error=error, seed=seed) for error in _ERRORS}
                 if problem == "goodhart" else {"reward_hacking": RewardHackingMDP()})  # fmt: skip
     per_problem = 1 + len(grid["kl_coefs"]) + len(grid["caps"]) + len(grid["kl_budgets"]) + len(grid["om_coefs"])
     total, done = per_problem * len(problems), 0
