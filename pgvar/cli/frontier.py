@@ -218,9 +218,10 @@ def plot_frontier(result: dict[str, Any], path: Path) -> None:
     """True return against the action KL, one panel per problem, one marker set per regularizer."""
     plt = pyplot()
     problems = list(dict.fromkeys(point.get("problem", result["settings"].get("env_id")) for point in result["points"]))
-    fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4.2), constrained_layout=True,
+    fig, axes = plt.subplots(1, len(problems), figsize=(max(7.0, 5.2 * len(problems)), 4.4), constrained_layout=True,
                              squeeze=False)  # fmt: skip
     markers = {"kl": "o-", "odds_ratio_cap": "s-", "early_stopping": "^--", "om_sqrt_chi2": "D-"}
+    colors = {"kl": "C0", "odds_ratio_cap": "C1", "early_stopping": "C2", "om_sqrt_chi2": "C3"}  # the same in every plot
     for axis, problem in zip(axes[0], problems):
         mine = [p for p in result["points"] if p.get("problem", result["settings"].get("env_id")) == problem]
         for family in dict.fromkeys(p["family"] for p in mine):
@@ -232,9 +233,9 @@ def plot_frontier(result: dict[str, Any], path: Path) -> None:
                 axis.plot(kl, true, "k*", markersize=12, label=label, zorder=5)
             elif "true_return_se" in points[0]:
                 axis.errorbar(kl, true, yerr=[p["true_return_se"] for p in points], fmt=markers.get(family, "o-"),
-                              capsize=3, label=label)  # fmt: skip
+                              color=colors.get(family), capsize=3, label=label)  # fmt: skip
             else:
-                axis.plot(kl, true, markers.get(family, "o-"), label=label)
+                axis.plot(kl, true, markers.get(family, "o-"), color=colors.get(family), label=label)
         axis.set_xscale("symlog", linthresh=1e-2)
         axis.set_xlabel("action KL to the reference")
         axis.set_ylabel("true return")
