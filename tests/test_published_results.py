@@ -38,3 +38,14 @@ def test_aggregate_tables_equal_what_pgvar_aggregate_writes_from_the_results(res
     regenerated = (tmp_path / "aggregate.md").read_text()
     # the command line names the results folder as given; compare the rest exactly
     assert regenerated.replace(str(results), results.relative_to(REPO).as_posix()) == published
+
+
+@pytest.mark.parametrize("published", sorted((REPO / "results" / "frontier").glob("frontier_*.md")), ids=lambda p: p.stem)
+def test_frontier_tables_equal_what_pgvar_frontier_renders_from_the_json(published):
+    import json
+
+    from pgvar.cli.frontier import render_markdown
+
+    data = json.loads(published.with_suffix(".json").read_text())
+    assert data.get("complete", True), f"{published.with_suffix('.json')} is a partial run"
+    assert render_markdown(data) == published.read_text()

@@ -1,7 +1,8 @@
 """The ``pgvar`` console script: arguments in; tables, JSON, Markdown and PNG files out.
 
 One module per command: :mod:`pgvar.cli.compare` (``pgvar compare``), :mod:`pgvar.cli.sweep` (``pgvar sweep`` and
-``pgvar aggregate``), :mod:`pgvar.cli.decompose` (``pgvar decompose``); what they share (number formatting,
+``pgvar aggregate``), :mod:`pgvar.cli.decompose` (``pgvar decompose``),
+:mod:`pgvar.cli.frontier` (``pgvar frontier``); what they share (number formatting,
 tables, output files, plots) is in ``_render``, argument types in ``_args``. The commands parse, check, print and
 draw; every number comes from the library (:mod:`pgvar.compare`, :mod:`pgvar.experiments`, :mod:`pgvar.rollouts`,
 :mod:`pgvar.measure`), imported only when a command runs, so that ``pgvar --help`` answers at once.
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from pgvar import __version__
-from pgvar.cli import compare, decompose, sweep
+from pgvar.cli import compare, decompose, frontier, sweep
 from pgvar.cli._args import flag_names
 
 __all__ = ["build_parser", "main"]
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(commands)
     sweep.add_parsers(commands)
     decompose.add_parser(commands)
+    frontier.add_parser(commands)
     return parser
 
 

@@ -10,6 +10,8 @@ exact return, exact gradient, exact state values, vectorized episode sampling (t
 - :class:`ReferenceRegularizedMDP`: a tabular MDP with proxy and true rewards and a reference policy; exact
   occupancy measures, divergences to the reference and regularized optima. :class:`GoodhartBandit` (heavy- or
   light-tailed proxy error) and :class:`RewardHackingMDP` (ORPO's tomato-watering hack) are two of them.
+- :class:`SpeedLimitReward`: a gymnasium wrapper giving MuJoCo locomotion a proxy reward (the task's) and a true
+  reward that also pays for exceeding Safety-Gymnasium's speed limit (no exact quantities: measured).
 """
 
 from pgvar.problems.bandit import GaussianBandit
@@ -24,6 +26,7 @@ from pgvar.problems.goodhart import ERROR_DISTRIBUTIONS, GoodhartBandit, Goodhar
 from pgvar.problems.lqr import LinearQuadraticRegulator
 from pgvar.problems.regularized import MEASURES, ReferenceRegularizedMDP
 from pgvar.problems.reward_hacking import RewardHackingMDP
+from pgvar.problems.speed_limit import SAFETY_VELOCITY_THRESHOLDS, SpeedLimitReward
 from pgvar.problems.tabular import TabularMDP
 
 __all__ = [
@@ -41,4 +44,6 @@ __all__ = [
     "GoodhartBandit",
     "GoodhartPoint",
     "RewardHackingMDP",
+    "SAFETY_VELOCITY_THRESHOLDS",
+    "SpeedLimitReward",
 ]
