@@ -56,7 +56,7 @@ def test_env_frontier_smoke(tmp_path, capsys):
     data = json.loads((tmp_path / "frontier_Hopper-v5_seed0.json").read_text())
     assert data["mode"] == "env" and data["settings"]["threshold"] == 0.7402
     assert [p["family"] for p in data["points"]] == ["reference", "early_stopping", "early_stopping", "kl",
-                                                      "odds_ratio_cap"]  # fmt: skip
+                                                      "odds_ratio_cap", "om_sqrt_chi2"]  # fmt: skip
     reference = data["points"][0]
     assert reference["kl"] == 0.0 and reference["true_return"] <= reference["proxy_return"]
     assert (tmp_path / "frontier_Hopper-v5_seed0.md").read_text() == render_markdown(data)

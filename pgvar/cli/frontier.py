@@ -46,11 +46,11 @@ FAMILY_LABELS = {
     "om_sqrt_chi2": "state-OM sqrt(chi2) penalty (coef)",
 }
 #: Options of the exact problems and of ``--env`` (``None`` in the parser: "not given").
-EXACT_ONLY = ("om_coefs", "kl_budgets", "variance_episodes")
+EXACT_ONLY = ("kl_budgets", "variance_episodes")
 ENV_ONLY = ("checkpoints", "reference_steps", "train_steps", "eval_episodes", "cap_coef", "threshold", "penalty")
 #: ``--smoke`` settings of ``--env`` (seconds).
 ENV_SMOKE: dict[str, Any] = {"reference_steps": 256, "train_steps": 256, "checkpoints": [128, 256], "eval_episodes": 2,
-             "kl_coefs": [1.0], "caps": [2.0], "n_steps": 128}  # fmt: skip
+             "kl_coefs": [1.0], "caps": [2.0], "om_coefs": [1.0], "n_steps": 128}  # fmt: skip
 
 
 def _nonnegative(text: str) -> float:
@@ -100,7 +100,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--kl-budgets", type=_positive, nargs="+", default=None, metavar="KL",
                         help="exact: early stopping: the ascent is read where its action KL first reaches each")  # fmt: skip
     parser.add_argument("--om-coefs", type=_positive, nargs="+", default=None, metavar="C",
-                        help="state-occupancy sqrt(chi2) coefficients (--problem reward_hacking)")  # fmt: skip
+                        help="state-occupancy sqrt(chi2) coefficients (reward_hacking, or --env: ref_measure='state')")  # fmt: skip
     parser.add_argument("--variance-episodes", type=int_at_least(2), default=None, metavar="N",
                         help="episodes of the k1 / k3 gradient-variance measurement (exact; default 4000)")  # fmt: skip
     parser.add_argument("--reference-steps", type=positive_int, default=None, metavar="N",
@@ -336,7 +336,8 @@ def _run_env(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     smoke = ENV_SMOKE if args.smoke else {}
     kl_coefs = args.kl_coefs or smoke.get("kl_coefs") or [0.03, 0.3, 3.0]
     caps = args.caps or smoke.get("caps") or [1.5, 4.0]
-    learners = default_env_learners(kl_coefs, caps, 1.0 if args.cap_coef is None else args.cap_coef)
+    learners = default_env_learners(kl_coefs, caps, 1.0 if args.cap_coef is None else args.cap_coef,
+                                    args.om_coefs or smoke.get("om_coefs") or ())
     options: dict[str, Any] = {
         "reference_steps": args.reference_steps or smoke.get("reference_steps", 50_000),
         "train_steps": args.train_steps or smoke.get("train_steps", 30_000),

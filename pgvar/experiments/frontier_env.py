@@ -43,9 +43,11 @@ class EnvLearner:
 
 
 def default_env_learners(kl_coefs: Sequence[float] = (0.03, 0.3, 3.0), caps: Sequence[float] = (1.5, 4.0),
-                         cap_coef: float = 1.0) -> list[EnvLearner]:  # fmt: skip
-    """The KL penalty (k1 in the reward) at each of ``kl_coefs`` and the odds-ratio hinge
-    :math:`(\\log\\pi/\\pi_{\\text{ref}} - \\log c)_+` with coefficient ``cap_coef`` at each cap of ``caps``.
+                         cap_coef: float = 1.0, om_coefs: Sequence[float] = ()) -> list[EnvLearner]:  # fmt: skip
+    """The KL penalty (k1 in the reward) at each of ``kl_coefs``, the odds-ratio hinge
+    :math:`(\\log\\pi/\\pi_{\\text{ref}} - \\log c)_+` with coefficient ``cap_coef`` at each cap of ``caps``, and
+    the state-occupancy :math:`\\sqrt{\\chi^2}` penalty of ORPO (``ref_measure="state"``, a discriminator trained
+    alongside on the reference's rollouts) at each of ``om_coefs`` (none by default: it doubles the environment steps).
 
     A diagonal Gaussian policy cannot be projected onto the cap set, so the cap is the hinge penalty (it discourages
     violations, it does not enforce them; ``docs/guide/regularization.md``)."""
@@ -55,6 +57,9 @@ def default_env_learners(kl_coefs: Sequence[float] = (0.03, 0.3, 3.0), caps: Seq
     learners += [EnvLearner("odds_ratio_cap", check_cap("caps", c),
                             {"ref_regularizer": "odds_ratio_cap", "ref_cap": float(c), "ref_coef": float(cap_coef)})
                  for c in caps]  # fmt: skip
+    learners += [EnvLearner("om_sqrt_chi2", float(check_nonnegative("om_coefs", c)),
+                            {"ref_measure": "state", "ref_regularizer": "sqrt_chi2", "ref_coef": float(c)})
+                 for c in om_coefs]  # fmt: skip
     return learners
 
 
