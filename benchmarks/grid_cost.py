@@ -120,7 +120,7 @@ def measure(min_steps: int, decompose_states: int) -> dict[str, Any]:
     load_before = os.getloadavg()
     configs, units = [], []
     for config in grids():
-        representatives = {}
+        representatives: dict[str, Any] = {}
         for learner in config.learners:
             representatives.setdefault(learner.algo, learner)
         configs.append({"name": config.name, "envs": list(config.envs), "seeds": len(config.seeds),
@@ -165,7 +165,9 @@ def grid_costs(data: dict[str, Any]) -> list[GridCost]:
 
 
 def _hours(value: float) -> str:
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+    if value >= 10:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
 
 
 def render_table(data: dict[str, Any]) -> str:
@@ -194,10 +196,12 @@ def render_table(data: dict[str, Any]) -> str:
     train = per_step.get(("mirage-qprop", "QPropTRPO", d["env"]))
     lines.append(f"| `decompose` {d['env']}, {PAPER_STATES} states (40 x 50) at one checkpoint | 40 batches | | "
                  f"{_hours(per_checkpoint)} | | {_hours(per_checkpoint / 40 * math.ceil(40 / CLUSTER_CPUS))} |")  # fmt: skip
-    if train is not None:
-        total = PAPER_CHECKPOINTS * per_checkpoint + 5_000_000 * train / 3600
+    if train is not None:  # training runs in the driver, one core; each checkpoint's batches run at once
+        training = 5_000_000 * train / 3600
+        total = PAPER_CHECKPOINTS * per_checkpoint + training
+        wall = training + PAPER_CHECKPOINTS * per_checkpoint / 40 * math.ceil(40 / CLUSTER_CPUS)
         lines.append(f"| `decompose` as the paper: {PAPER_CHECKPOINTS} checkpoints of a 5M-step QPropTRPO run | | "
-                     f"5,000,000 | {_hours(total)} | | |")  # fmt: skip
+                     f"5,000,000 | {_hours(total)} | {_hours(training)} | {_hours(wall)} |")  # fmt: skip
     grid_table = "\n".join(lines)
 
     m, load = data["machine"], data["load_average"]
