@@ -125,3 +125,13 @@ def test_results_pages_are_in_the_toctree():
     index = (REPO / "docs" / "index.md").read_text()
     for page in ("results/decomposition", "results/mirage-qprop"):
         assert re.search(rf"^{page}$", index, re.M), page
+
+
+def test_a_ratio_over_a_term_not_resolved_from_zero_is_a_lower_bound():
+    from benchmarks.decomposition_report import ratio_cell
+
+    checkpoint = {"decomposition": {"action": {"value": 100.0, "mc_value": 10.0},
+                                    "action_se": {"value": 1.0, "mc_value": 1.0}}}  # fmt: skip
+    assert ratio_cell(checkpoint, "value", "mc_value") == "10.0"
+    checkpoint["decomposition"]["action_se"]["mc_value"] = 10.0  # interval [-9.6, 29.6] reaches 0
+    assert ratio_cell(checkpoint, "value", "mc_value") == f"> {100 / (10 + 1.959964 * 10):.3g} †"
