@@ -26,7 +26,13 @@ def test_decompose_writes_a_table_json_markdown_and_plot(tmp_path, capsys, monke
     (checkpoint,) = data["checkpoints"]
     assert checkpoint["timesteps"] == 0 and checkpoint["decomposition"]["n_states"] == 6
     assert set(checkpoint["decomposition"]["action"]) == {"none", "value", "mc_value", "qprop"}
-    assert "Sigma_tau" in (tmp_path / "decompose_Pendulum-v1_seed0.md").read_text()
+    # The JSON and the Markdown name the command that reproduces them and the machine they ran on.
+    command = "pgvar decompose --env Pendulum-v1 --algo qproptrpo --checkpoints 0 --states 6 --states-per-batch 3 " \
+        "--horizon 5 --seed 0"
+    assert data["command"] == command
+    assert data["machine"]["torch_threads"] == 1 and data["machine"]["cpus"] >= 1
+    markdown = (tmp_path / "decompose_Pendulum-v1_seed0.md").read_text()
+    assert "Sigma_tau" in markdown and f"Command: `{command}`" in markdown and "Machine: cpus" in markdown
     assert (tmp_path / "decompose_Pendulum-v1_seed0.png").read_bytes().startswith(b"\x89PNG")
     # A rerun does not replace the results.
     code, _, err = run_cli(argv, capsys)

@@ -49,3 +49,36 @@ def test_frontier_tables_equal_what_pgvar_frontier_renders_from_the_json(publish
     data = json.loads(published.with_suffix(".json").read_text())
     assert data.get("complete", True), f"{published.with_suffix('.json')} is a partial run"
     assert render_markdown(data) == published.read_text()
+
+
+def test_grid_cost_table_equals_what_its_command_writes_from_the_json():
+    """benchmarks/results/grid-cost.md (shown in the sweeps and decomposition guides) is generated from the
+    measured costs: ``python benchmarks/grid_cost.py --table``."""
+    import json
+
+    from benchmarks import grid_cost
+
+    data = json.loads(grid_cost.JSON_PATH.read_text())
+    assert grid_cost.TABLE_PATH.read_text() == grid_cost.render_table(data), "run: python benchmarks/grid_cost.py --table"
+    names = {config["name"] for config in data["configs"]}
+    assert {"mirage-qprop", "normalization", "horizon-aware"} <= names
+    measured = {(unit["algo"], unit["env"]) for unit in data["units"]}
+    assert {("PPO", "HalfCheetah-v5"), ("TRPO", "HalfCheetah-v5"), ("QPropTRPO", "HalfCheetah-v5")} <= measured
+    for page in ("docs/guide/sweeps.md", "docs/guide/decomposition.md"):
+        assert "<!-- BEGIN GENERATED FROM benchmarks/results/grid-cost.md -->" in (REPO / page).read_text(), page
+
+
+def test_grid_costs_add_up_seeds_times_steps_times_cost_per_step():
+    from benchmarks.grid_cost import grid_costs
+
+    data = {
+        "configs": [{"name": "g", "envs": ["A", "B"], "seeds": 3, "total_timesteps": 1_000_000,
+                     "learners": {"x": "PPO", "y": "PPO", "z": "TRPO"}}],
+        "units": [{"config": "g", "algo": "PPO", "env": "A", "cpu_seconds_per_step": 1e-3},
+                  {"config": "g", "algo": "PPO", "env": "B", "cpu_seconds_per_step": 2e-3},
+                  {"config": "g", "algo": "TRPO", "env": "A", "cpu_seconds_per_step": 1e-3},
+                  {"config": "g", "algo": "TRPO", "env": "B", "cpu_seconds_per_step": 1e-3}],
+    }  # fmt: skip
+    (cost,) = grid_costs(data)
+    # per seed: A: 2 x 1000 s + 1000 s, B: 2 x 2000 s + 1000 s = 8000 s; x 3 seeds
+    assert cost.units == 18 and cost.cpu_hours == 3 * 8000 / 3600 and cost.unit_hours == 2000 / 3600

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,18 @@ def render_markdown(run: Any) -> str:
              for steps, term, value, se in _rows(run)]  # fmt: skip
     table = markdown_table(["steps", "term", "estimate", "± 95%"], cells, ["right", "left", "right", "right"])
     versions = ", ".join(f"{k} {v}" for k, v in sorted(run.versions.items()))
-    return f"{table}\n\n{run.env_id}, {run.algo}, {run.n_states} states per checkpoint, seed {run.seed}. Versions: {versions}.\n"
+    lines = [f"{run.env_id}, {run.algo}, {run.n_states} states per checkpoint, seed {run.seed}. Versions: {versions}."]
+    if run.command:
+        lines.append(f"Command: `{run.command}`.")
+    if run.machine:
+        lines.append(f"Machine: {machine_summary(run.machine)}.")
+    return f"{table}\n\n" + "  \n".join(lines) + "\n"
+
+
+def machine_summary(machine: dict[str, Any]) -> str:
+    """A result's ``machine`` record in one line."""
+    return ", ".join(f"{key} {machine[key]}" for key in ("cpus", "processor", "platform", "torch_cpu_capability",
+                                                          "torch_threads") if key in machine)  # fmt: skip
 
 
 def plot_decomposition(run: Any, path: Path) -> None:
@@ -188,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_files(outputs, overwrite=args.overwrite)
     apply_threads(args.threads)
     result = _decompose(args, model, checkpoints)
+    result.command = decompose_command(args)
     write_json(outputs[0], result.to_dict())
     write_text(outputs[1], render_markdown(result))
     if not args.no_plot:
@@ -195,6 +208,23 @@ def run(args: argparse.Namespace) -> int:
     print(render_table(result, terminal_width()))
     print(f"written: {', '.join(str(path) for path in outputs)}")
     return 0
+
+
+def decompose_command(args: argparse.Namespace) -> str:
+    """The ``pgvar decompose`` command line that reproduces this run (recorded in its JSON; the output options,
+    ``--backend``, ``--workers`` and ``--address`` are left out: they do not change the numbers)."""
+    words = ["pgvar", "decompose", "--env", args.env]
+    if args.model is not None:
+        words += ["--model", str(args.model)]
+    words += ["--algo", args.algo]
+    if args.checkpoints is not None:
+        words += ["--checkpoints", *map(str, args.checkpoints)]
+    for flag, value in (("--n-steps", args.n_steps), ("--states", args.states),
+                        ("--states-per-batch", args.states_per_batch), ("--horizon", args.horizon),
+                        ("--gamma", args.gamma), ("--seed", args.seed)):  # fmt: skip
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def _decompose(args: argparse.Namespace, model: Any, checkpoints: list[int]) -> Any:

@@ -50,6 +50,10 @@ class DecompositionRun:
     #: ``continuation_steps`` and ``seconds``
     checkpoints: list[dict[str, Any]]
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: where it ran (:func:`pgvar.experiments.unit.machine`): platform, CPU capability, threads
+    machine: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the command line that produced it, when a command did (``pgvar decompose`` records it)
+    command: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +162,7 @@ def decompose_training(
     :param progress: called as ``progress(stage, done, total)``
     """
     from pgvar.compare import library_versions
+    from pgvar.experiments.unit import machine
     from pgvar.rollouts import NestedRolloutSamples
 
     check_choice("backend", backend, ("local", "ray"))
@@ -199,4 +204,4 @@ def decompose_training(
         })  # fmt: skip
     return DecompositionRun(env_id=env_id, algo=type(model).__name__, gamma=gamma, n_states=n_states,
                             states_per_batch=states_per_batch, horizon=horizon, seed=seed, checkpoints=measured,
-                            versions=library_versions())  # fmt: skip
+                            versions=library_versions(), machine=machine())  # fmt: skip
