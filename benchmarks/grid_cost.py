@@ -14,8 +14,7 @@
 
 A grid's CPU-hours are the sum over its learners and environments of seeds x steps x the measured cost of a step
 of that learner's algorithm class (learners of one class differ only in their estimator, which costs little next
-to the simulator and the networks). A config that another change adds (``horizon-aware``) is measured from its
-:data:`PENDING` stand-in until it ships.
+to the simulator and the networks).
 """
 
 from __future__ import annotations
@@ -37,21 +36,6 @@ if str(REPO) not in sys.path:  # so that `python benchmarks/grid_cost.py` measur
     sys.path.insert(0, str(REPO))
 JSON_PATH = REPO / "benchmarks" / "results" / "grid-cost.json"
 TABLE_PATH = REPO / "benchmarks" / "results" / "grid-cost.md"
-#: Grids of the issue whose config has not shipped yet: measured from this stand-in (same algorithm, batch and
-#: budget) until ``pgvar/experiments/configs/<name>.toml`` exists, then from the config itself.
-PENDING: dict[str, dict[str, Any]] = {
-    "horizon-aware": {
-        "name": "horizon-aware",
-        "envs": ["HalfCheetah-v5", "Walker2d-v5", "Humanoid-v5"],
-        "seeds": [0, 1, 2, 3, 4],
-        "total_timesteps": 5_000_000,
-        "checkpoint_every": 250_000,
-        "learners": {
-            "TRPO-standard-V": {"algo": "TRPO", "kwargs": {"n_steps": 25_000, "gamma": 0.99, "gae_lambda": 1.0}},
-            "TRPO-horizon-aware-V": {"algo": "TRPO", "kwargs": {"n_steps": 25_000, "gamma": 0.99, "gae_lambda": 1.0}},
-        },
-    }
-}
 #: The Mirage decomposition at the paper's resolution: 40 batches of 50 states at every 100 of 1000 iterations.
 PAPER_STATES = 2000
 PAPER_CHECKPOINTS = 10
@@ -61,14 +45,10 @@ CLUSTER_CPUS = 32
 
 # ---------------------------------------------------------------------------------------------- measuring
 def grids() -> list[Any]:
-    """Every shipped config, and the :data:`PENDING` stand-ins of those not shipped yet."""
-    from pgvar.experiments import SweepConfig, load_sweep_config, shipped_configs
+    """Every shipped config."""
+    from pgvar.experiments import load_sweep_config, shipped_configs
 
-    shipped = shipped_configs()
-    configs = [load_sweep_config(name) for name in shipped]
-    configs += [SweepConfig.from_dict(data, source="benchmarks/grid_cost.py PENDING") for name, data in
-                PENDING.items() if name not in shipped]  # fmt: skip
-    return configs
+    return [load_sweep_config(name) for name in shipped_configs()]
 
 
 def _rollout_steps(learner: Any, n_envs: int) -> int:
