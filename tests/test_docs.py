@@ -57,10 +57,11 @@ GALLERY_EXECUTED = "gradient_variance_callback"
 
 
 def _copy_of_the_sources(destination: Path) -> Path:
-    """docs/, examples/ and pgvar/ copied, so that sphinx-gallery (which writes docs/gallery/ next to the sources
-    and skips the examples whose output it has cached there) runs afresh and leaves the checkout alone."""
-    ignore = shutil.ignore_patterns("__pycache__", "_build", "gallery", "sg_execution_times.rst")
-    for folder in ("docs", "examples", "pgvar"):
+    """docs/, examples/, pgvar/ and results/ (the committed plots the pages show) copied, so that sphinx-gallery
+    (which writes docs/gallery/ next to the sources and skips the examples whose output it has cached there) runs
+    afresh and leaves the checkout alone."""
+    ignore = shutil.ignore_patterns("__pycache__", "_build", "gallery", "sg_execution_times.rst", "*.zip", "*.ckpt")
+    for folder in ("docs", "examples", "pgvar", "results"):
         shutil.copytree(REPO_ROOT / folder, destination / folder, ignore=ignore)
     return destination / "docs"
 
