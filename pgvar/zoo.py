@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError('pgvar.zoo is a plugin for rl-zoo3: pip install "pgvar[zoo]" (or rl_zoo3)') from error
 
 from pgvar.algos import A2C, BASELINES, PPO, TRPO, QPropPPO, QPropTRPO
+from pgvar.algos.buffers import VALUE_BASELINES
 from pgvar.estimators import CONSTANT_BASELINES, NORMALIZATION_MODES, QPROP_ETA_RULES
 
 Sampler = Callable[[Any, int, int, dict], dict[str, Any]]
@@ -57,14 +58,17 @@ def sample_pgvar_options(trial: Any, qprop: bool = False) -> dict[str, Any]:
 
     A constant baseline (``"none"``, ``"mean"``, ``"optimal"``) is only sampled with ``normalize_advantage =
     "none"``: centring the learning signal per minibatch or per batch subtracts its mean, which cancels any
-    constant. With the learned value baseline the three normalization modes are sampled.
+    constant. With a learned value baseline (``"value"``, ``"horizon"``; not ``"horizon"`` for Q-Prop) the three
+    normalization modes are sampled.
 
     :param trial: an ``optuna.Trial``.
     :param qprop: also sample Q-Prop's ``qprop_eta`` rule.
     :return: keyword arguments of the pgvar class.
     """
-    options: dict[str, Any] = {"baseline": trial.suggest_categorical("baseline", list(BASELINES))}
-    if options["baseline"] == "value":
+    # Q-Prop's classes have their own train() and refuse the horizon-aware value (baseline="horizon").
+    choices = [name for name in BASELINES if not (qprop and name == "horizon")]
+    options: dict[str, Any] = {"baseline": trial.suggest_categorical("baseline", choices)}
+    if options["baseline"] in VALUE_BASELINES:
         options["normalize_advantage"] = trial.suggest_categorical(
             "normalize_advantage", list(NORMALIZATION_MODES)
         )

@@ -117,12 +117,13 @@ def test_plugin_rebinds_the_zoo_names_and_samples_every_pgvar_algorithm() -> Non
             assert "learning_rate" in sampled and "policy_kwargs" in sampled, name
             for key in ("baseline", "normalize_advantage"):
                 assert sampled[key] == converted[key], (name, key)
-            if sampled["baseline"] != "value":
+            if sampled["baseline"] not in ("value", "horizon"):
                 assert sampled["normalize_advantage"] == "none", sampled
             assert ("qprop_eta" in sampled) == name.startswith("qprop_"), name
+            assert not (name.startswith("qprop_") and sampled["baseline"] == "horizon"), sampled
             seen_baselines.add(sampled["baseline"])
             study.tell(trial, 0.0)
-    assert seen_baselines == {"value", "none", "mean", "optimal"}
+    assert seen_baselines == {"value", "none", "mean", "optimal", "horizon"}
 
 
 def test_plugin_conversion_of_pgvar_options() -> None:
