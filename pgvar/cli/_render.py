@@ -222,6 +222,24 @@ def write_text(path: Path, text: str) -> None:
     _atomic(path, lambda file: file.write(text.encode("utf-8")))
 
 
+def result_files(stem: Path, *, plot: bool) -> list[Path]:
+    """The files of a measuring command: ``stem.json``, ``stem.md`` and, with ``plot``, ``stem.png``."""
+    return [stem.with_suffix(".json"), stem.with_suffix(".md")] + ([stem.with_suffix(".png")] if plot else [])
+
+
+def write_result_files(
+    paths: Sequence[Path], data: Any, markdown: str, draw: Callable[[Path], None], table: str
+) -> None:
+    """Write the files of :func:`result_files` (each atomically; the plot only when ``paths`` names one), then print
+    ``table`` and the paths written."""
+    write_json(paths[0], data)
+    write_text(paths[1], markdown)
+    if len(paths) > 2:
+        draw(paths[2])
+    print(table)
+    print(f"written: {', '.join(str(path) for path in paths)}")
+
+
 # ------------------------------------------------------------------------------------------------- plots
 def plot_scale(values: Iterable[float]) -> str:
     """``"log"`` for positive values spanning more than a decade, ``"symlog"`` for values of both signs spanning

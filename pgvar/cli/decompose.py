@@ -31,11 +31,11 @@ from pgvar.cli._render import (
     legend,
     plot_scale,
     pyplot,
+    result_files,
     save_figure,
     terminal_width,
     text_table,
-    write_json,
-    write_text,
+    write_result_files,
 )
 
 #: :data:`pgvar.experiments.DECOMPOSITION_ALGORITHMS` (kept here so that the parser imports no torch).
@@ -196,17 +196,13 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         model = load_model(args.model, args.algo)
     stem = args.output / f"decompose_{args.env}_seed{args.seed}"
-    outputs = [stem.with_suffix(".json"), stem.with_suffix(".md")] + ([] if args.no_plot else [stem.with_suffix(".png")])
+    outputs = result_files(stem, plot=not args.no_plot)
     check_output_files(outputs, overwrite=args.overwrite)
     apply_threads(args.threads)
     result = _decompose(args, model, checkpoints)
     result.command = decompose_command(args)
-    write_json(outputs[0], result.to_dict())
-    write_text(outputs[1], render_markdown(result))
-    if not args.no_plot:
-        plot_decomposition(result, outputs[2])
-    print(render_table(result, terminal_width()))
-    print(f"written: {', '.join(str(path) for path in outputs)}")
+    write_result_files(outputs, result.to_dict(), render_markdown(result),
+                       lambda path: plot_decomposition(result, path), render_table(result, terminal_width()))  # fmt: skip
     return 0
 
 

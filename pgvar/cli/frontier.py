@@ -28,11 +28,12 @@ from pgvar.cli._render import (
     format_number,
     markdown_table,
     pyplot,
+    result_files,
     save_figure,
     terminal_width,
     text_table,
     write_json,
-    write_text,
+    write_result_files,
 )
 
 #: :data:`pgvar.experiments.EXACT_PROBLEMS` (kept here so that the parser imports no torch).
@@ -277,17 +278,13 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoints is not None and args.checkpoints != sorted(set(args.checkpoints)):
         raise UsageError(f"--checkpoints must be increasing, got {' '.join(map(str, args.checkpoints))}")
     stem = args.output / f"frontier_{label}_seed{args.seed}"
-    outputs = [stem.with_suffix(".json"), stem.with_suffix(".md")] + ([] if args.no_plot else [stem.with_suffix(".png")])
+    outputs = result_files(stem, plot=not args.no_plot)
     check_output_files(outputs, overwrite=args.overwrite)
     apply_threads(args.threads)
     result = _run_env(args, outputs[0]) if args.env is not None else _run_exact(args)
     result["command"] = _command(args)
-    write_json(outputs[0], result)
-    write_text(outputs[1], render_markdown(result))
-    if not args.no_plot:
-        plot_frontier(result, outputs[2])
-    print(render_table(result, terminal_width()))
-    print(f"written: {', '.join(str(path) for path in outputs)}")
+    write_result_files(outputs, result, render_markdown(result), lambda path: plot_frontier(result, path),
+                       render_table(result, terminal_width()))  # fmt: skip
     return 0
 
 
