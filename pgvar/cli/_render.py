@@ -222,6 +222,23 @@ def write_text(path: Path, text: str) -> None:
     _atomic(path, lambda file: file.write(text.encode("utf-8")))
 
 
+def with_progress(work: Callable[[Callable[[str, int, int], None]], Any]) -> Any:
+    """``work(progress)`` under a transient progress bar on stderr: ``progress(stage, done, total)`` draws one bar per
+    stage."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        return work(progress)
+
+
 def result_files(stem: Path, *, plot: bool) -> list[Path]:
     """The files of a measuring command: ``stem.json``, ``stem.md`` and, with ``plot``, ``stem.png``."""
     return [stem.with_suffix(".json"), stem.with_suffix(".md")] + ([stem.with_suffix(".png")] if plot else [])

@@ -35,6 +35,7 @@ from pgvar.cli._render import (
     save_figure,
     terminal_width,
     text_table,
+    with_progress,
     write_result_files,
 )
 
@@ -224,22 +225,11 @@ def decompose_command(args: argparse.Namespace) -> str:
 
 
 def _decompose(args: argparse.Namespace, model: Any, checkpoints: list[int]) -> Any:
-    from rich.console import Console
-    from rich.progress import Progress
-
     from pgvar.experiments import decompose_training
 
     algo_kwargs = {"n_steps": args.n_steps} if args.n_steps is not None else {}
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
-
-        return decompose_training(
-            args.env, model=model, algo=args.algo, algo_kwargs=algo_kwargs, checkpoints=checkpoints,
-            n_states=args.states, states_per_batch=args.states_per_batch, horizon=args.horizon, gamma=args.gamma,
-            backend=args.backend, workers=args.workers, address=args.address, seed=args.seed, progress=progress,
-        )  # fmt: skip
+    return with_progress(lambda progress: decompose_training(
+        args.env, model=model, algo=args.algo, algo_kwargs=algo_kwargs, checkpoints=checkpoints,
+        n_states=args.states, states_per_batch=args.states_per_batch, horizon=args.horizon, gamma=args.gamma,
+        backend=args.backend, workers=args.workers, address=args.address, seed=args.seed, progress=progress,
+    ))  # fmt: skip

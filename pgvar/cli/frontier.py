@@ -32,6 +32,7 @@ from pgvar.cli._render import (
     save_figure,
     terminal_width,
     text_table,
+    with_progress,
     write_json,
     write_result_files,
 )
@@ -301,28 +302,13 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def _with_progress(work: Any) -> Any:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
-
-        return work(progress)
-
-
 def _run_exact(args: argparse.Namespace) -> dict[str, Any]:
     from pgvar.experiments import exact_frontier
 
     options = {name: getattr(args, name) for name in ("kl_coefs", "caps", "om_coefs", "kl_budgets")}
     if args.variance_episodes is not None:
         options["variance_episodes"] = args.variance_episodes
-    return _with_progress(lambda progress: exact_frontier(args.problem, smoke=args.smoke, seed=args.seed,
+    return with_progress(lambda progress: exact_frontier(args.problem, smoke=args.smoke, seed=args.seed,
                                                           progress=progress, **options))  # fmt: skip
 
 
@@ -351,5 +337,5 @@ def _run_env(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         points.append(point)
         write_json(json_path, {"mode": "env", "complete": False, "points": points})
 
-    return _with_progress(lambda progress: env_frontier(args.env, learners=learners, seed=args.seed,
+    return with_progress(lambda progress: env_frontier(args.env, learners=learners, seed=args.seed,
                                                         progress=progress, on_point=on_point, **options))  # fmt: skip
